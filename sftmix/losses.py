@@ -121,7 +121,7 @@ def sftmix_loss_reference(
     flat_states = states.reshape(-1, states.size(-1))  # [B*(T-1), D]
     flat_targets = targets.reshape(-1)  # [B*(T-1)]
     supervised = flat_targets != IGNORE_INDEX
-    logits = head(flat_states[supervised]).float()  # [N, V]
+    logits = _at_least_float32(head(flat_states[supervised]))  # [N, V]
     ntp_sum = F.cross_entropy(logits, flat_targets[supervised], reduction="sum")
     total = ntp_scale * ntp_sum
     mixup_sum, mixup_count = torch.zeros((), device=hidden.device), 0
@@ -129,7 +129,7 @@ def sftmix_loss_reference(
         mixed = mixed_positions(targets, pair_index, lam)
         lam_col = mixed.lam[:, None].to(flat_states.dtype)  # [M, 1]
         mixed_states = lam_col * flat_states[mixed.confident] + (1 - lam_col) * flat_states[mixed.unconfident]
-        log_probs = F.log_softmax(head(mixed_states).float(), dim=-1)  # [M, V]
+        log_probs = F.log_softmax(_at_least_float32(head(mixed_states)), dim=-1)  # [M, V]
         per_position = -(
             mixed.lam * log_probs.gather(1, flat_targets[mixed.confident][:, None]).squeeze(1)
             + (1 - mixed.lam) * log_probs.gather(1, flat_targets[mixed.unconfident][:, None]).squeeze(1)
@@ -137,6 +137,11 @@ def sftmix_loss_reference(
         mixup_sum, mixup_count = per_position.sum(), len(per_position)
         total = total + mixup_scale * mixup_sum
     return LossTerms(total, ntp_sum.detach(), int(supervised.sum()), mixup_sum.detach(), mixup_count)
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax in bf16/fp16 loses the loss; float64 stays float64 (tests compare at 1e-9)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------- fused

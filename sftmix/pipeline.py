@@ -19,7 +19,7 @@ from .trainer import SFTMixTrainer, write_model_card
 logger = logging.getLogger(__name__)
 
 
-def train(config: SFTMixConfig) -> Path:
+def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     """Train with `config.loss_type` and save a `from_pretrained`-loadable model in `config.output_dir`.
 
     Resumes from the newest checkpoint in `output_dir` when there is one.
@@ -44,6 +44,7 @@ def train(config: SFTMixConfig) -> Path:
         processing_class=tokenizer,
         peft_config=_lora_config(config) if config.use_peft else None,
         groups=groups,
+        callbacks=callbacks,
     )
     output_dir = Path(config.output_dir)
     checkpoint = config.resume_from_checkpoint
@@ -61,10 +62,10 @@ def train(config: SFTMixConfig) -> Path:
 def _lora_config(config: SFTMixConfig):
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
+    targets = config.lora_target_modules
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
 
 
 def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path) -> None:

@@ -1,0 +1,87 @@
+"""The `sftmix` command as a user runs it: subprocesses, YAML config, accelerate launch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(args, cwd, check=True):
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def sftmix(*args):
+    return [sys.executable, "-m", "sftmix.cli", *args]
+
+
+def tiny_flags(tiny_model_dir, tiny_data):
+    return [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tiny_data[0]),
+        "--confidence_path", str(tiny_data[1]), "--use_cpu", "true", "--per_device_train_batch_size", "4",
+        "--logging_steps", "1", "--save_strategy", "no",
+    ]
+
+
+def test_train_command_saves_loadable_model_with_card(tiny_model_dir, tiny_data, tmp_path):
+    result = run(sftmix("train", *tiny_flags(tiny_model_dir, tiny_data), "--output_dir", "out", "--max_steps", "3"),
+                 cwd=tmp_path)
+    log = result.stdout + result.stderr
+    assert "'ntp_loss'" in log and "'mixup_loss'" in log
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.hidden_size == 16
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "SFTMix" in card and "2410.05248" in card and "`sftmix`" in card
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+
+
+def test_yaml_config_with_flag_override(tiny_model_dir, tiny_data, tmp_path):
+    (tmp_path / "run.yaml").write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset_path: {tiny_data[0]}\nloss_type: ntp\n"
+        "max_steps: 2\nuse_cpu: true\noutput_dir: from_yaml\nsave_strategy: 'no'\nlogging_steps: 1\n"
+    )
+    result = run(sftmix("train", "--config", "run.yaml", "--output_dir", "from_flag"), cwd=tmp_path)
+    assert (tmp_path / "from_flag" / "model.safetensors").exists()
+    assert not (tmp_path / "from_yaml").exists()
+    assert "mixup_loss" not in result.stdout + result.stderr
+
+
+def test_sftmix_without_confidence_explains_next_step(tiny_model_dir, tiny_data, tmp_path):
+    result = run(sftmix("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tiny_data[0]),
+                        "--use_cpu", "true"), cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "needs --confidence_path" in result.stderr and "sftmix dynamics" in result.stderr
+
+
+def test_help_lists_commands(tmp_path):
+    result = run(sftmix("--help"), cwd=tmp_path, check=False)
+    assert "train" in result.stdout
+
+
+def test_accelerate_two_processes(tiny_model_dir, tiny_data, tmp_path):
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    result = run([
+        accelerate, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "sftmix.cli", "train", *tiny_flags(tiny_model_dir, tiny_data),
+        "--output_dir", "out2", "--max_steps", "3", "--gradient_accumulation_steps", "2",
+    ], cwd=tmp_path)
+    assert "'mixup_loss'" in result.stdout + result.stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out2") is not None
+
+
+@pytest.mark.slow
+def test_embedded_default_ntp_five_steps(tmp_path):
+    """SmolLM2-135M + ShareGPT from the pip packages; ~2 min on 2 CPU cores."""
+    result = run(sftmix("train", "--loss_type", "ntp", "--max_steps", "5", "--max_examples", "200",
+                        "--per_device_train_batch_size", "2", "--max_length", "256", "--output_dir", "out",
+                        "--save_strategy", "no"), cwd=tmp_path)
+    assert "ShareGPT" in result.stderr
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 576

@@ -1,0 +1,170 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from sftmix import trainer as trainer_module
+from sftmix.config import SFTMixConfig
+from sftmix.data import build_dataset, read_confidence
+from sftmix.losses import sftmix_loss_reference
+from sftmix.pipeline import train
+from sftmix.trainer import BalancedBatchSampler, SFTMixTrainer
+
+
+def make_config(tmp_path, **overrides) -> SFTMixConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+        learning_rate=1e-3, use_cpu=True, save_strategy="no", seed=7, gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return SFTMixConfig(**settings)
+
+
+def make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path, **overrides):
+    data_path, confidence_path = tiny_data
+    dataset, _ = build_dataset(data_path, tokenizer, max_length=64)
+    config = make_config(tmp_path, **overrides)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    groups = read_confidence(confidence_path) if config.loss_type != "ntp" else None
+    return SFTMixTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, groups=groups)
+
+
+def test_balanced_sampler_halves_and_epochs():
+    confident, unconfident = list(range(0, 10)), list(range(10, 16))
+    sampler = BalancedBatchSampler(confident, unconfident, batch_size=4, seed=3)
+    assert len(sampler) == 5  # ceil(max(10, 6) / 2)
+    epoch0 = list(sampler)
+    for batch in epoch0:
+        assert len(batch) == 4
+        assert all(i in confident for i in batch[:2]) and all(i in unconfident for i in batch[2:])
+    assert sorted(i for batch in epoch0 for i in batch[:2]) == confident  # larger group: each once
+    assert set(i for batch in epoch0 for i in batch[2:]) == set(unconfident)  # smaller group cycled
+    assert list(sampler) == epoch0  # same epoch, same order
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0  # reshuffled every epoch
+    sampler.set_epoch(0)
+    assert list(sampler) == epoch0
+    with pytest.raises(ValueError, match="even"):
+        BalancedBatchSampler(confident, unconfident, batch_size=3)
+
+
+def test_each_process_gets_whole_balanced_batches():
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = BalancedBatchSampler(list(range(8)), list(range(8, 15)), batch_size=4, seed=0)
+    per_rank = [list(BatchSamplerShard(sampler, num_processes=2, process_index=rank)) for rank in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    for batches in per_rank:
+        for batch in batches:
+            assert all(i < 8 for i in batch[:2]) and all(i >= 8 for i in batch[2:])
+    assert per_rank[0] != per_rank[1]
+
+
+def test_train_batches_are_balanced_and_paired(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path)
+    groups = read_confidence(tiny_data[1])
+    ids = trainer.train_dataset["id"]
+    sampler = trainer.get_train_dataloader().batch_sampler
+    for batch in sampler:
+        assert [groups[ids[i]] for i in batch] == ["confident"] * 2 + ["unconfident"] * 2
+
+
+def test_compute_loss_equals_independent_computation(tiny_model_dir, tiny_data, tokenizer, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path)
+    fixed_lambda = torch.tensor([0.3, 0.9])
+    monkeypatch.setattr(trainer_module, "sample_lambda", lambda alpha, n, per: fixed_lambda)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    # Independent: hidden states from the model's own output, head applied by the reference loss.
+    with torch.no_grad():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    labels = batch["labels"]
+    tokens = int((labels[:, 1:] != -100).sum())
+    terms = sftmix_loss_reference(
+        outputs.hidden_states[-1], labels, model.lm_head.weight, torch.tensor([[0, 2], [1, 3]]), fixed_lambda, 1.0, 1.0
+    )
+    expected = terms.ntp_sum / tokens + 0.2 * terms.mixup_sum / terms.mixup_count
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert trainer._metrics["train"]["ntp_loss"][-1] == pytest.approx((terms.ntp_sum / tokens).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type, weights", [("ntp", (1.0, 0.0)), ("equal", (0.5, 0.5)), ("mixup_only", (0, 1))])
+def test_loss_type_weights(loss_type, weights, tmp_path):
+    assert make_config(tmp_path, loss_type=loss_type).loss_weights == weights
+
+
+def test_training_logs_both_terms_and_gradient_accumulation(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path, gradient_accumulation_steps=2)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "ntp_loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["mixup_loss"] > 0 and 0 <= entry["mixup_lambda"] <= 1
+        # the logged loss of one optimisation step is NTP + 0.2 * Mixup
+        assert entry["loss"] == pytest.approx(entry["ntp_loss"] + 0.2 * entry["mixup_loss"], rel=1e-3)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_ntp_trainer_needs_no_confidence(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path, loss_type="ntp", max_steps=2)
+    trainer.train()
+    assert all("mixup_loss" not in entry for entry in trainer.state.log_history)
+
+
+def test_id_mismatch_is_a_clear_error(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    data_path, _ = tiny_data
+    dataset, _ = build_dataset(data_path, tokenizer)
+    groups = {f"e{i}": "confident" if i < 8 else "unconfident" for i in range(2, 18)}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"2 of 16 dataset ids have no confidence.*2 of 16 confidence ids"):
+        SFTMixTrainer(model, args=make_config(tmp_path), train_dataset=dataset, processing_class=tokenizer,
+                      groups=groups)
+
+
+def test_missing_confidence_says_how_to_make_it(tiny_model_dir, tiny_data, tmp_path):
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]))
+    with pytest.raises(ValueError, match="sftmix dynamics"):
+        train(config)
+
+
+class CrashAfter(TrainerCallback):
+    """Simulates a killed process right after the checkpoint of `step` is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path):
+    def config(name):
+        return make_config(
+            tmp_path, output_dir=str(tmp_path / name), model_name_or_path=str(tiny_model_dir),
+            dataset_path=str(tiny_data[0]), confidence_path=str(tiny_data[1]), max_steps=6,
+            save_strategy="steps", save_steps=2, max_length=64,
+        )
+
+    train(config("straight"))
+    with pytest.raises(KeyboardInterrupt):
+        train(config("crashed"), callbacks=[CrashAfter(4)])
+    assert not (tmp_path / "crashed" / "model.safetensors").exists()
+    train(config("crashed"))  # same command again: resumes from checkpoint-4
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "straight")
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "crashed")
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_lora_output_loads_as_full_model(tiny_model_dir, tiny_data, tmp_path):
+    config = make_config(
+        tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]),
+        confidence_path=str(tiny_data[1]), use_peft=True, lora_r=4, lora_target_modules="q_proj,v_proj",
+    )
+    output_dir = train(config)
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert (output_dir / "adapter" / "adapter_config.json").exists()
