@@ -1,4 +1,9 @@
-"""`sftmix` command line: `sftmix train --config run.yaml [--any_config_field value ...]`."""
+"""`sftmix` command line. Each command's flags are its config's fields; `--config run.yaml` sets them too.
+
+    sftmix train     --config run.yaml [--field value ...]
+    sftmix dynamics  --config run.yaml [--field value ...]
+    sftmix compare-splits A/confidence.jsonl B/confidence.jsonl
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,61 @@ import argparse
 import logging
 import sys
 
-COMMANDS = {"train": "train a model with SFTMix or plain NTP (every SFTMixConfig field is a flag)"}
+COMMANDS = {
+    "train": "train a model with SFTMix or plain NTP",
+    "dynamics": "score every example's confidence from a reference run and split the data",
+    "compare-splits": "fraction of examples in the same group in two confidence files",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in COMMANDS:
         parser = argparse.ArgumentParser(prog="sftmix", description="SFTMix instruction tuning (arXiv 2410.05248)")
-        parser.add_argument("command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
-        parser.parse_args(argv[:1])
+        parser.add_argument("command", choices=list(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
+        parser.parse_args(argv[:1] or ["--help"])
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        return _train(rest)
-    return 2
+    return {"train": _train, "dynamics": _dynamics, "compare-splits": _compare_splits}[command](rest)
+
+
+def _parse(config_class, prog: str, argv: list[str]):
+    from trl import TrlParser
+
+    (config,) = TrlParser((config_class,), prog=prog).parse_args_and_config(argv)
+    return config
 
 
 def _train(argv: list[str]) -> int:
-    from trl import TrlParser
-
     from .config import SFTMixConfig
     from .pipeline import train
 
-    (config,) = TrlParser((SFTMixConfig,), prog="sftmix train").parse_args_and_config(argv)
-    output_dir = train(config)
+    output_dir = train(_parse(SFTMixConfig, "sftmix train", argv))
     print(f"Model saved to {output_dir}  (AutoModelForCausalLM.from_pretrained({str(output_dir)!r}))")
+    return 0
+
+
+def _dynamics(argv: list[str]) -> int:
+    from .config import DynamicsConfig
+    from .pipeline import dynamics
+
+    output_dir = dynamics(_parse(DynamicsConfig, "sftmix dynamics", argv))
+    if output_dir is not None:
+        print(f"Confidence split written to {output_dir / 'confidence.jsonl'} "
+              f"(train with: sftmix train --confidence_path {output_dir / 'confidence.jsonl'})")
+    return 0
+
+
+def _compare_splits(argv: list[str]) -> int:
+    from .dynamics import read_rows, split_agreement
+
+    parser = argparse.ArgumentParser(prog="sftmix compare-splits")
+    parser.add_argument("first")
+    parser.add_argument("second")
+    args = parser.parse_args(argv)
+    agreement = split_agreement(read_rows(args.first), read_rows(args.second))
+    print(f"split agreement: {agreement:.4f} of shared examples in the same group")
     return 0
 
 

@@ -104,3 +104,38 @@ class SFTMixConfig(SFTConfig):
     def loss_weights(self) -> tuple[float, float]:
         """(ntp weight, mixup weight) of the total loss for this loss_type."""
         return LOSS_WEIGHTS[self.loss_type](self.mixup_weight)
+
+
+@dataclass
+class DynamicsConfig(SFTMixConfig):
+    """`sftmix dynamics`: Stage 1. `model_name_or_path` is the *reference* model (may differ from the target)."""
+
+    checkpoints: list[str] | None = field(
+        default=None,
+        metadata={"help": "Score these existing checkpoint directories instead of training a reference model."},
+    )
+    num_checkpoints: int = field(
+        default=4, metadata={"help": "C, checkpoints evenly spaced over the reference run (paper: unpublished; "
+                             "ours: 4)."}
+    )
+    split_ratio: float = field(
+        default=0.5, metadata={"help": "Fraction of examples in the confident group (0.5: median split)."}
+    )
+    online: bool = field(
+        default=False,
+        metadata={"help": "Beyond the paper: take each example's response NLL from the reference run's own "
+                  "training forward passes (Dataset-Cartography style) instead of a scoring pass per checkpoint."},
+    )
+    scoring_batch_tokens: int = field(
+        default=16384, metadata={"help": "Padded tokens per scoring batch (examples are batched by length)."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Reference run length; paper: 1 epoch."})
+    output_dir: str | None = field(default="dynamics", metadata={"help": "Where confidence.jsonl etc. go."})
+
+    def __post_init__(self):
+        self.loss_type = "ntp"  # the reference run is plain NTP
+        super().__post_init__()
+        if not 0 < self.split_ratio < 1:
+            raise ValueError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.num_checkpoints < 1:
+            raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")

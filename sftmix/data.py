@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +59,7 @@ class DataReport:
     dropped_no_supervised_tokens: list[str] = field(default_factory=list)
     dropped_unparsable_tail: str | None = None  # description of a cut-off JSON file tail
     skipped_records: dict[str, int] = field(default_factory=dict)  # reason -> count (incl. kept fixes)
+    fingerprint: str = ""  # hash of the kept examples' ids and messages: tokenizer-independent
 
     def skip(self, reason: str) -> None:
         self.skipped_records[reason] = self.skipped_records.get(reason, 0) + 1
@@ -317,6 +320,7 @@ def build_dataset(
         records = records[:max_examples]
     rows: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
     seen_ids: dict[str, int] = {}
+    fingerprint = hashlib.sha256()
     for record in tqdm(records, desc="Tokenising", unit="ex", mininterval=2):
         messages = to_messages(record)
         if not any(messages[i]["content"] for i in supervised_turns(messages)):
@@ -333,10 +337,12 @@ def build_dataset(
         if all(label == -100 for label in tokens["labels"]):
             report.dropped_no_supervised_tokens.append(identifier)
             continue
+        fingerprint.update(json.dumps([identifier, messages], ensure_ascii=False).encode("utf-8"))
         rows["id"].append(identifier)
         rows["input_ids"].append(tokens["input_ids"])
         rows["labels"].append(tokens["labels"])
     report.num_examples = len(rows["id"])
+    report.fingerprint = fingerprint.hexdigest()[:16]
     if not rows["id"]:
         raise DataError(f"{report.source}: no usable example ({report.summary()})")
     return datasets.Dataset.from_dict(rows), report
@@ -361,3 +367,17 @@ def read_confidence(path: str | Path) -> dict[str, str]:
             raise DataError(f"{record.where}: duplicate id {identifier!r}")
         groups[str(identifier)] = group
     return groups
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise

@@ -40,6 +40,7 @@ class LossTerms:
     total: torch.Tensor  # the differentiable, already weighted and normalised loss
     ntp_sum: torch.Tensor  # sum of token CE over all supervised tokens (detached)
     ntp_count: int
+    row_nll: torch.Tensor  # [B] per-sequence sum of token CE (detached): online training dynamics
     mixup_sum: torch.Tensor  # sum of soft-label CE over mixed positions (detached)
     mixup_count: int
 
@@ -122,7 +123,10 @@ def sftmix_loss_reference(
     flat_targets = targets.reshape(-1)  # [B*(T-1)]
     supervised = flat_targets != IGNORE_INDEX
     logits = _at_least_float32(head(flat_states[supervised]))  # [N, V]
-    ntp_sum = F.cross_entropy(logits, flat_targets[supervised], reduction="sum")
+    token_nll = F.cross_entropy(logits, flat_targets[supervised], reduction="none")  # [N]
+    ntp_sum = token_nll.sum()
+    row_nll = torch.zeros(targets.size(0), dtype=token_nll.dtype, device=hidden.device)
+    row_nll.index_add_(0, supervised.view_as(targets).nonzero(as_tuple=True)[0], token_nll.detach())
     total = ntp_scale * ntp_sum
     mixup_sum, mixup_count = torch.zeros((), device=hidden.device), 0
     if pair_index is not None and len(pair_index) and mixup_scale != 0:
@@ -136,7 +140,7 @@ def sftmix_loss_reference(
         )  # [M]
         mixup_sum, mixup_count = per_position.sum(), len(per_position)
         total = total + mixup_scale * mixup_sum
-    return LossTerms(total, ntp_sum.detach(), int(supervised.sum()), mixup_sum.detach(), mixup_count)
+    return LossTerms(total, ntp_sum.detach(), int(supervised.sum()), row_nll, mixup_sum.detach(), mixup_count)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -172,16 +176,17 @@ def sftmix_loss_fused(
     else:
         empty = torch.zeros(0, dtype=torch.long, device=hidden.device)
         mixed = MixedPositions(empty, empty, torch.zeros(0, device=hidden.device))
-    # Positions not in a mixed pair only need NTP; skip them entirely when NTP has no weight.
+    # Positions outside the mixed pairs need only NTP (still computed when its weight is 0, for the log).
     in_pair = torch.zeros_like(supervised)
     in_pair[mixed.confident] = True
     in_pair[mixed.unconfident] = True
-    ntp_only = (supervised & ~in_pair).nonzero(as_tuple=True)[0] if ntp_scale != 0 else mixed.confident[:0]
-    total, ntp_sum, mixup_sum = _FusedSFTMix.apply(
+    ntp_only = (supervised & ~in_pair).nonzero(as_tuple=True)[0]
+    total, position_nll, mixup_sum = _FusedSFTMix.apply(
         flat_states, weight, flat_targets, mixed.confident, mixed.unconfident, mixed.lam, ntp_only,
         float(ntp_scale), float(mixup_scale), chunk_rows or default_chunk_rows(weight.size(0)),
     )
-    return LossTerms(total, ntp_sum, int(supervised.sum()), mixup_sum, len(mixed.lam))
+    row_nll = position_nll.view_as(targets).sum(dim=1)  # [B]
+    return LossTerms(total, row_nll.sum(), int(supervised.sum()), row_nll, mixup_sum, len(mixed.lam))
 
 
 class _FusedSFTMix(torch.autograd.Function):
@@ -194,7 +199,7 @@ class _FusedSFTMix(torch.autograd.Function):
         need_weight = ctx.needs_input_grad[1]
         grad_states = torch.zeros_like(states, dtype=torch.float32) if need_states else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        ntp_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+        position_nll = torch.zeros(len(states), dtype=torch.float32, device=states.device)  # [N]
         mixup_sum = torch.zeros((), dtype=torch.float32, device=states.device)
         with torch.no_grad():
             for start in range(0, len(lam), chunk):
@@ -208,7 +213,7 @@ class _FusedSFTMix(torch.autograd.Function):
                 # Mixed logits = logits of the mixed states, because the head is linear.
                 mixed_logits = tile_lam * logits_c + (1 - tile_lam) * logits_u  # [t, V]
                 mixed_nll, dmixed = _soft_ce_and_grad(mixed_logits, targets_c, targets_u, tile_lam)
-                ntp_sum += nll_c.sum() + nll_u.sum()
+                position_nll[rows_c], position_nll[rows_u] = nll_c, nll_u
                 mixup_sum += mixed_nll.sum()
                 dlogits_c = ntp_scale * dlogits_c + mixup_scale * tile_lam * dmixed  # [t, V]
                 dlogits_u = ntp_scale * dlogits_u + mixup_scale * (1 - tile_lam) * dmixed  # [t, V]
@@ -218,18 +223,18 @@ class _FusedSFTMix(torch.autograd.Function):
                 rows = ntp_only[start : start + chunk]
                 logits = (states[rows] @ weight.T).float()  # [t, V]
                 nll, dlogits = _ce_and_grad(logits, targets[rows])
-                ntp_sum += nll.sum()
+                position_nll[rows] = nll
                 _accumulate(states, weight, rows, ntp_scale * dlogits, grad_states, grad_weight)
         ctx.save_for_backward(
             grad_states.to(states.dtype) if need_states else None,
             grad_weight.to(weight.dtype) if need_weight else None,
         )
-        ctx.mark_non_differentiable(ntp_sum, mixup_sum)
-        total = ntp_scale * ntp_sum + mixup_scale * mixup_sum
-        return total, ntp_sum, mixup_sum
+        ctx.mark_non_differentiable(position_nll, mixup_sum)
+        total = ntp_scale * position_nll.sum() + mixup_scale * mixup_sum
+        return total, position_nll, mixup_sum
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_ntp, _grad_mixup):
+    def backward(ctx, grad_total, _grad_position_nll, _grad_mixup):
         grad_states, grad_weight = ctx.saved_tensors
         scale = grad_total.to(torch.float32)
         return (
@@ -267,3 +272,28 @@ def _accumulate(states, weight, rows, dlogits, grad_states, grad_weight) -> None
         grad_states.index_add_(0, rows, (dlogits @ weight).float())
     if grad_weight is not None:
         grad_weight += (dlogits.T @ states[rows]).float()
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def response_nll(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of response-token NLL and token count, without full logits.
+
+    hidden [B, T, D], labels [B, T] -> nll_sum [B] (float32), num_tokens [B] (long).
+    Perplexity (method doc, Stage 1) is exp(nll_sum / num_tokens).
+    """
+    states, targets = shift(hidden, labels)  # [B, T-1, D], [B, T-1]
+    supervised = targets != IGNORE_INDEX  # [B, T-1]
+    row_of = supervised.nonzero(as_tuple=True)[0]  # [N] sequence of each supervised position
+    flat_states, flat_targets = states[supervised], targets[supervised]  # [N, D], [N]
+    nll_sum = torch.zeros(labels.size(0), dtype=torch.float32, device=hidden.device)
+    chunk = chunk_rows or default_chunk_rows(weight.size(0))
+    for start in range(0, len(flat_targets), chunk):
+        logits = (flat_states[start : start + chunk] @ weight.T).float()  # [t, V]
+        target = flat_targets[start : start + chunk]
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)  # [t]
+        nll_sum.index_add_(0, row_of[start : start + chunk], nll)
+    return nll_sum, supervised.sum(dim=1)

@@ -96,3 +96,17 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: str | None = N
     return AutoModelForCausalLM.from_pretrained(
         path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch_dtype
     )
+
+
+def head_is_linear(model) -> bool:
+    """True when logits = W h (+ nothing): then mixing states equals mixing logits, and the tiled losses apply.
+
+    False for heads followed by soft-capping (Gemma-2) or a logit scale, and for heads with a bias.
+    """
+    text_config = model.config.get_text_config()
+    head = model.get_output_embeddings()
+    return (
+        getattr(text_config, "final_logit_softcapping", None) is None
+        and getattr(text_config, "logit_scale", None) in (None, 1.0)
+        and getattr(head, "bias", None) is None
+    )

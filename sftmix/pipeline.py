@@ -1,22 +1,76 @@
 """Recipes: the explicit sequence of steps behind each CLI command.
 
-    train(config): model + tokenizer -> dataset -> confidence split -> SFTMixTrainer -> saved model
+    train(config):     model + tokenizer -> dataset -> confidence split -> SFTMixTrainer -> saved model
+    dynamics(config):  dataset -> NTP reference run with C checkpoints (or given checkpoints)
+                       -> response NLL per example and checkpoint -> confidence -> split -> files
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import SFTMixConfig
-from .data import build_dataset, read_confidence
+from . import dynamics as dyn
+from .config import DynamicsConfig, SFTMixConfig
+from .data import DataReport, build_dataset, read_confidence, write_atomic
 from .model import load_model, load_tokenizer, resolve_model_path
-from .trainer import SFTMixTrainer, write_model_card
+from .trainer import SFTMixTrainer, check_ids_match, write_model_card
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything a stage needs before a trainer exists."""
+
+    model_path: str
+    tokenizer: Any
+    dataset: Any  # datasets.Dataset with id, input_ids, labels
+    report: DataReport
+
+
+def prepare(config: SFTMixConfig) -> Prepared:
+    model_path = resolve_model_path(config.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    dataset, report = build_dataset(
+        config.dataset_path, tokenizer, config.max_length, config.max_examples, config.dataset_split
+    )
+    logger.warning("Data: %s", report.summary())
+    return Prepared(model_path, tokenizer, dataset, report)
+
+
+def build_trainer(config: SFTMixConfig, prepared: Prepared, groups=None, callbacks=None, record_nll=False):
+    return SFTMixTrainer(
+        load_model(prepared.model_path, config.trust_remote_code),
+        args=config,
+        train_dataset=prepared.dataset,
+        processing_class=prepared.tokenizer,
+        peft_config=_lora_config(config) if config.use_peft else None,
+        groups=groups,
+        callbacks=callbacks,
+        record_nll=record_nll,
+    )
+
+
+def resume_checkpoint(config: SFTMixConfig) -> str | None:
+    """The checkpoint to resume from: the one asked for, else the newest in output_dir."""
+    if config.resume_from_checkpoint is not None:
+        return config.resume_from_checkpoint
+    output_dir = Path(config.output_dir)
+    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if checkpoint:
+        logger.warning("Resuming from %s", checkpoint)
+    return checkpoint
+
+
+# --------------------------------------------------------------------------- train
 
 
 def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
@@ -30,33 +84,34 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
             "--output_dir dyn` on the same model and data, then pass --confidence_path dyn/confidence.jsonl "
             "(or train the plain baseline with --loss_type ntp)"
         )
-    model_path = resolve_model_path(config.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
-    dataset, report = build_dataset(
-        config.dataset_path, tokenizer, config.max_length, config.max_examples, config.dataset_split
-    )
-    logger.warning("Data: %s", report.summary())
-    groups = read_confidence(config.confidence_path) if config.loss_type != "ntp" else None
-    trainer = SFTMixTrainer(
-        load_model(model_path, config.trust_remote_code),
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=_lora_config(config) if config.use_peft else None,
-        groups=groups,
-        callbacks=callbacks,
-    )
+    prepared = prepare(config)
+    groups = None
+    if config.loss_type != "ntp":
+        groups = read_confidence(config.confidence_path)
+        check_same_data(config.confidence_path, prepared, groups)
+    trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     output_dir = Path(config.output_dir)
-    checkpoint = config.resume_from_checkpoint
-    if checkpoint is None and output_dir.is_dir():
-        checkpoint = get_last_checkpoint(str(output_dir))
-        if checkpoint:
-            logger.warning("Resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
     _save(trainer, config, output_dir)
     if trainer.is_world_process_zero():
-        (output_dir / "data_report.json").write_text(json.dumps(vars(report), indent=2, default=str))
+        write_atomic(output_dir / "data_report.json", json.dumps(vars(prepared.report), indent=2, default=str))
     return output_dir
+
+
+def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, str]) -> None:
+    """Refuse a confidence file made from other data: its dynamics.json records the data's fingerprint."""
+    produced_by = Path(confidence_path).with_name("dynamics.json")
+    if produced_by.exists():
+        recorded = json.loads(produced_by.read_text()).get("dataset", {}).get("fingerprint")
+        if recorded and recorded != prepared.report.fingerprint:
+            differing = len(set(groups) ^ set(prepared.dataset["id"]))
+            raise ValueError(
+                f"the dataset changed since `sftmix dynamics` wrote {confidence_path} (fingerprint {recorded}, now "
+                f"{prepared.report.fingerprint}): {differing} ids differ"
+                + ("" if differing else " (same ids, different content)")
+                + ". Re-run `sftmix dynamics` on this dataset."
+            )
+    check_ids_match(prepared.dataset["id"], groups)
 
 
 def _lora_config(config: SFTMixConfig):
@@ -80,3 +135,92 @@ def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path) -> Non
         trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         write_model_card(output_dir, config)
+
+
+# --------------------------------------------------------------------------- dynamics
+
+
+def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | None:
+    """Write confidence.jsonl, dynamics.json and confidence.png to `config.output_dir`.
+
+    Every finished piece is on disk (reference checkpoints, one scores file per
+    checkpoint), so re-running the same command after a kill resumes where it stopped.
+    Returns None on the non-main processes of a multi-process reference run.
+    """
+    output_dir = Path(config.output_dir)
+    prepared = prepare(config)
+    ids, fingerprint = prepared.dataset["id"], prepared.report.fingerprint
+    checkpoints, online_records = config.checkpoints, None
+    if not checkpoints:
+        checkpoints, online_records, is_main = _reference_run(config, prepared, callbacks)
+        if not is_main:
+            return None
+    if config.online:
+        scores = dyn.online_scores(online_records, ids)
+    else:
+        scores = [
+            _checkpoint_scores(config, prepared, checkpoint, output_dir / "scores" / f"{k:02d}-{Path(checkpoint).name}.json")
+            for k, checkpoint in enumerate(checkpoints)
+        ]
+    rows = dyn.confidence_rows(ids, scores, config.split_ratio)
+    write_atomic(output_dir / "confidence.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(output_dir / "dynamics.json", json.dumps({
+        "model": prepared.model_path,
+        "tokenizer": getattr(prepared.tokenizer, "name_or_path", None),
+        "checkpoints": [score.checkpoint for score in scores],
+        "online": config.online,
+        "dataset": {"path": config.dataset_path or "embedded ShareGPT V3", "fingerprint": fingerprint,
+                    "max_length": config.max_length, "max_examples": config.max_examples,
+                    "report": vars(prepared.report) | {"dropped_no_supervised_tokens":
+                                                        len(prepared.report.dropped_no_supervised_tokens)}},
+        "split_ratio": config.split_ratio,
+        "summary": dyn.summarise(rows),
+    }, indent=2))
+    dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
+    return output_dir
+
+
+def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None, bool]:
+    """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done)."""
+    reference = copy.deepcopy(config)
+    reference.output_dir = str(Path(config.output_dir) / "reference")
+    done = Path(reference.output_dir) / "reference.json"
+    if done.exists():
+        finished = json.loads(done.read_text())
+        return finished["checkpoints"], finished.get("online_nll"), True
+    trainer = build_trainer(reference, prepared, callbacks=[dyn.SaveEvenlySpaced(config.num_checkpoints),
+                                                            *(callbacks or [])], record_nll=config.online)
+    checkpoint = resume_checkpoint(reference)
+    if config.online:
+        trainer.add_callback(dyn.SaveOnlineNLL(trainer))
+        trainer.online_nll.update(dyn.SaveOnlineNLL.load(checkpoint))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    online = dyn.gather_online_nll(trainer) if config.online else None
+    if not trainer.is_world_process_zero():
+        return [], None, False
+    steps = sorted(_evenly_spaced_steps(trainer))
+    checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in steps]
+    write_atomic(done, json.dumps({"checkpoints": checkpoints, "online_nll": online}))
+    return checkpoints, online, True
+
+
+def _evenly_spaced_steps(trainer) -> set[int]:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, dyn.SaveEvenlySpaced):
+            return callback.steps
+    raise RuntimeError("SaveEvenlySpaced callback missing")
+
+
+def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path):
+    saved = dyn.load_scores(path, prepared.report.fingerprint)
+    if saved is not None:
+        return saved
+    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
+    model = load_model(checkpoint, config.trust_remote_code).to(device)
+    nll_sum, num_tokens = dyn.score_model(
+        model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
+        desc=f"Scoring {Path(checkpoint).name}",
+    )
+    scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens)
+    dyn.save_scores(path, scores, prepared.report.fingerprint)
+    return scores

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import types
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .config import SFTMixConfig
 from .losses import IGNORE_INDEX, LossTerms, sample_lambda, sftmix_loss_fused, sftmix_loss_reference
+from .model import head_is_linear
 
 
 class BalancedBatchSampler:
@@ -89,6 +91,7 @@ class SFTMixOutput(ModelOutput):
     loss: torch.Tensor | None = None
     ntp_sum: torch.Tensor | None = None
     ntp_count: int | None = None
+    row_nll: torch.Tensor | None = None
     mixup_sum: torch.Tensor | None = None
     mixup_count: int | None = None
 
@@ -96,10 +99,9 @@ class SFTMixOutput(ModelOutput):
 def add_sftmix_head(model) -> None:
     """Let `model(..., sftmix=SFTMixRequest(...))` return the SFTMix loss; other calls are unchanged."""
     original_forward = model.forward
-    text_config = model.config.get_text_config()
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     # Mixing logits equals mixing states only for a plain linear head; otherwise fall back to the reference.
-    linear_head = softcap is None and getattr(text_config, "logit_scale", None) in (None, 1.0)
+    linear_head = head_is_linear(model)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, sftmix: SFTMixRequest | None = None, **kwargs):
@@ -112,7 +114,7 @@ def add_sftmix_head(model) -> None:
         with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
             terms = _loss_terms(hidden.to(lm_head.weight.device), lm_head, sftmix, linear_head, softcap)
         return SFTMixOutput(
-            loss=terms.total, ntp_sum=terms.ntp_sum, ntp_count=terms.ntp_count,
+            loss=terms.total, ntp_sum=terms.ntp_sum, ntp_count=terms.ntp_count, row_nll=terms.row_nll,
             mixup_sum=terms.mixup_sum, mixup_count=terms.mixup_count,
         )
 
@@ -122,7 +124,7 @@ def add_sftmix_head(model) -> None:
 def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, softcap) -> LossTerms:
     labels = request.labels.to(hidden.device)
     common = (hidden, labels, lm_head.weight, request.pair_index, request.lam, request.ntp_scale, request.mixup_scale)
-    if request.fused and linear_head and lm_head.bias is None:
+    if request.fused and linear_head:
         return sftmix_loss_fused(*common)
 
     def head(states: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,11 @@ class SFTMixTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sftmix"]
 
-    def __init__(self, model, args: SFTMixConfig, groups: dict[str, str] | None = None, **kwargs):
+    def __init__(
+        self, model, args: SFTMixConfig, groups: dict[str, str] | None = None, record_nll: bool = False, **kwargs
+    ):
+        if record_nll:  # keep the `id` column so each example's NLL can be attributed to it
+            args.remove_unused_columns = False
         # SFTTrainer accepts only its own loss types; ours is read in compute_loss.
         sftmix_loss_type, args.loss_type = args.loss_type, "nll"
         try:
@@ -155,6 +161,11 @@ class SFTMixTrainer(SFTTrainer):
         self._balanced_groups = self._group_indices(groups) if self.mixing else None
         patched = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_sftmix_head(patched)
+        # Online training dynamics: example id -> [(epoch, response NLL sum, response tokens), ...]
+        self.online_nll: dict[str, list[tuple[float, float, int]]] | None = None
+        if record_nll:
+            self.online_nll = defaultdict(list)
+            self.data_collator = _CollatorWithIds(self.data_collator)
 
     def _group_indices(self, groups: dict[str, str] | None) -> tuple[list[int], list[int]]:
         if groups is None:
@@ -209,9 +220,14 @@ class SFTMixTrainer(SFTTrainer):
             labels=labels, pair_index=pair_index, lam=lam,
             ntp_scale=ntp_weight / max(ntp_denominator, 1), mixup_scale=mixup_scale, fused=self.args.fused_loss,
         )
+        example_ids = inputs.pop("example_ids", None)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**model_inputs, sftmix=request)
         self._log_terms(model.training, outputs, lam)
+        if self.online_nll is not None and example_ids is not None and model.training:
+            counts = (shifted != IGNORE_INDEX).sum(dim=1).tolist()
+            for example_id, nll, count in zip(example_ids, outputs.row_nll.tolist(), counts):
+                self.online_nll[example_id].append((self.state.epoch or 0.0, nll, count))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _log_terms(self, training: bool, outputs: SFTMixOutput, lam: torch.Tensor | None) -> None:
@@ -230,6 +246,18 @@ class SFTMixTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         write_model_card(Path(self.args.output_dir), self.args)
+
+
+class _CollatorWithIds:
+    """Wraps a collator so that batches also carry `example_ids` (a list, never sent to the model)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator([{k: v for k, v in example.items() if k != "id"} for example in examples])
+        batch["example_ids"] = [example["id"] for example in examples]
+        return batch
 
 
 def count_mixed_positions(shifted_labels: torch.Tensor, pair_index: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ CHATML = (
 WORDS = "the a cat dog sat on mat red blue green one two three tell me about why how what is are sky sea".split()
 
 
-def make_tokenizer():
+def make_tokenizer(vocab_size: int = 300, seed: int = 0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,9 +24,9 @@ def make_tokenizer():
     tokenizer.decoder = decoders.ByteLevel()
     specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    corpus = [" ".join(random.Random(i).choices(WORDS, k=12)) for i in range(200)]
+    corpus = [" ".join(random.Random(seed * 1000 + i).choices(WORDS, k=12)) for i in range(200)]
     tokenizer.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"

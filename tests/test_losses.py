@@ -190,3 +190,25 @@ def test_sample_lambda_per_pair_and_per_batch():
     assert per_batch.shape == (4,) and torch.all(per_batch == per_batch[0])
     with pytest.raises(ValueError, match="mixup_lambda_per"):
         sample_lambda(0.5, 4, per="token")
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+def test_row_nll_is_per_sequence_ce_sum(name):
+    hidden, labels, weight = random_batch(4, 9, 5, 11, seed=8)
+    terms = IMPLEMENTATIONS[name](hidden, labels, weight, halves(4), torch.rand(2), 1.0, 0.2)
+    for row in range(4):
+        targets = labels[row, 1:]
+        expected = F.cross_entropy(hidden[row, :-1] @ weight.T, targets, ignore_index=-100, reduction="sum")
+        assert terms.row_nll[row].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_response_nll_matches_full_logits():
+    from sftmix.losses import response_nll
+
+    hidden, labels, weight = random_batch(3, 12, 6, 17, seed=9)
+    nll_sum, num_tokens = response_nll(hidden, labels, weight, chunk_rows=4)
+    for row in range(3):
+        targets = labels[row, 1:]
+        expected = F.cross_entropy(hidden[row, :-1] @ weight.T, targets, ignore_index=-100, reduction="sum")
+        assert nll_sum[row].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert num_tokens[row].item() == int((targets != -100).sum())

@@ -1,0 +1,267 @@
+"""Stage 1 of SFTMix: training dynamics -> per-example confidence -> confident / unconfident split.
+
+    Perp_c(i) = exp(mean response-token NLL of example i at checkpoint c)
+    Conf(i)   = -(1/C) * sum_c Perp_c(i)
+    split     : the top `split_ratio` by confidence is "confident" (ties broken by id), the rest "unconfident"
+
+Scoring is batched by length (little padding), runs in inference mode and never
+builds full logits (only the response positions go through the LM head, in tiles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .data import write_atomic
+from .losses import IGNORE_INDEX, response_nll
+from .model import head_is_linear
+
+
+@dataclass
+class CheckpointScores:
+    """Response NLL of every example (dataset order) under one checkpoint."""
+
+    checkpoint: str
+    nll_sum: list[float]
+    num_tokens: list[int]
+
+    @property
+    def perplexities(self) -> list[float]:
+        return [math.exp(nll / max(count, 1)) for nll, count in zip(self.nll_sum, self.num_tokens)]
+
+
+# --------------------------------------------------------------------------- reference run
+
+
+class SaveEvenlySpaced(TrainerCallback):
+    """Save C checkpoints at steps round(k * max_steps / C), k = 1..C, whatever save_strategy says."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.steps: set[int] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = {max(1, round(k * state.max_steps / self.count)) for k in range(1, self.count + 1)}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_save = True
+
+
+class SaveOnlineNLL(TrainerCallback):
+    """Store the online NLL records with each checkpoint, so a resumed reference run keeps them."""
+
+    FILE = "online_nll.json"
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_atomic(directory / self.FILE, json.dumps(gather_online_nll(self.trainer)))
+
+    @classmethod
+    def load(cls, checkpoint: str | None) -> dict[str, list]:
+        path = Path(checkpoint or "") / cls.FILE
+        return json.loads(path.read_text()) if checkpoint and path.exists() else {}
+
+
+def gather_online_nll(trainer) -> dict[str, list]:
+    """Merge every process's online NLL records (each rank saw different examples)."""
+    from accelerate.utils import gather_object
+
+    local = [(example_id, records) for example_id, records in trainer.online_nll.items()]
+    merged: dict[str, list] = {}
+    items = gather_object(local) if trainer.accelerator.num_processes > 1 else local
+    for example_id, records in items:
+        merged.setdefault(example_id, []).extend(records)
+    return merged
+
+
+def online_scores(records: dict[str, list], ids: list[str]) -> list[CheckpointScores]:
+    """One score set per epoch seen: epoch e holds each example's NLL from its e-th visit."""
+    missing = [example_id for example_id in ids if not records.get(example_id)]
+    if missing:
+        raise ValueError(f"online dynamics: {len(missing)} examples were never trained on (e.g. {missing[:3]}); "
+                         "use at least one full epoch")
+    visits = min(len(records[example_id]) for example_id in ids)
+    return [
+        CheckpointScores(
+            checkpoint=f"online-visit-{visit + 1}",
+            nll_sum=[records[example_id][visit][1] for example_id in ids],
+            num_tokens=[records[example_id][visit][2] for example_id in ids],
+        )
+        for visit in range(visits)
+    ]
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so each padded batch holds at most `max_tokens` tokens."""
+    order = sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
+    batches, current = [], []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) + 1) * longest > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(dataset, indices: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
+    rows = [dataset[index] for index in indices]
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row_number, row in enumerate(rows):
+        length = len(row["input_ids"])
+        input_ids[row_number, :length] = torch.tensor(row["input_ids"])
+        labels[row_number, :length] = torch.tensor(row["labels"])
+        attention_mask[row_number, :length] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@torch.inference_mode()
+def score_model(model, dataset, max_tokens: int, pad_id: int, desc: str = "Scoring") -> tuple[list, list]:
+    """Response NLL sum and token count of each example (dataset order). -> (nll_sum [N], num_tokens [N])"""
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    nll_sum, num_tokens = [0.0] * len(lengths), [0] * len(lengths)
+    linear = head_is_linear(model)
+    progress = tqdm(total=sum(lengths), desc=desc, unit="tok", unit_scale=True, mininterval=2)
+    for indices in length_batches(lengths, max_tokens):
+        batch = pad_batch(dataset, indices, pad_id, device)
+        sums, counts = _batch_nll(model, batch, linear)
+        for position, index in enumerate(indices):
+            nll_sum[index], num_tokens[index] = float(sums[position]), int(counts[position])
+        progress.update(sum(lengths[index] for index in indices))
+    progress.close()
+    return nll_sum, num_tokens
+
+
+def _batch_nll(model, batch: dict[str, torch.Tensor], linear_head: bool):
+    if linear_head:  # only response positions go through the head
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return response_nll(hidden.last_hidden_state, batch["labels"], model.get_output_embeddings().weight)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return token_nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def save_scores(path: Path, scores: CheckpointScores, fingerprint: str) -> None:
+    write_atomic(path, json.dumps({"fingerprint": fingerprint, **scores.__dict__}))
+
+
+def load_scores(path: Path, fingerprint: str) -> CheckpointScores | None:
+    """Scores saved by an earlier (possibly killed) run, if they belong to the same data."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.pop("fingerprint") != fingerprint:
+        return None
+    return CheckpointScores(**saved)
+
+
+# --------------------------------------------------------------------------- confidence and split
+
+
+def confidence(scores: list[CheckpointScores]) -> list[float]:
+    """Conf(i) = -(1/C) sum_c Perp_c(i)."""
+    per_checkpoint = [score.perplexities for score in scores]
+    return [-sum(values) / len(values) for values in zip(*per_checkpoint)]
+
+
+def split_groups(ids: list[str], confidences: list[float], split_ratio: float = 0.5) -> list[str]:
+    """The top floor(n * split_ratio) by confidence are "confident"; ties and odd counts broken by id."""
+    order = sorted(range(len(ids)), key=lambda index: (-confidences[index], ids[index]))
+    num_confident = int(len(ids) * split_ratio)
+    groups = ["unconfident"] * len(ids)
+    for index in order[:num_confident]:
+        groups[index] = "confident"
+    return groups
+
+
+def confidence_rows(ids, scores: list[CheckpointScores], split_ratio: float) -> list[dict[str, Any]]:
+    values = confidence(scores)
+    groups = split_groups(ids, values, split_ratio)
+    perplexities = list(zip(*[score.perplexities for score in scores]))
+    return [
+        {"id": example_id, "confidence": value, "group": group, "perplexities": list(perps),
+         "num_tokens": scores[0].num_tokens[index]}
+        for index, (example_id, value, group, perps) in enumerate(zip(ids, values, groups, perplexities))
+    ]
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and confidence quantiles per group (and overall)."""
+    def quantiles(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {}
+        tensor = torch.tensor(values, dtype=torch.float64)
+        points = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], dtype=torch.float64)
+        labels = ["min", "p10", "p25", "median", "p75", "p90", "max"]
+        return {**dict(zip(labels, torch.quantile(tensor, points).tolist())), "mean": tensor.mean().item(),
+                "std": tensor.std().item() if len(values) > 1 else 0.0}
+
+    summary = {"all": quantiles([row["confidence"] for row in rows])}
+    for group in ("confident", "unconfident"):
+        members = [row["confidence"] for row in rows if row["group"] == group]
+        summary[group] = {"count": len(members), **quantiles(members)}
+    return summary
+
+
+def plot_confidence(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import numpy as np
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    everything = np.array([row["confidence"] for row in rows])
+    bins = np.histogram_bin_edges(everything, bins=40)  # shared, so the two groups are comparable
+    for group, colour in (("confident", "tab:blue"), ("unconfident", "tab:orange")):
+        values = [row["confidence"] for row in rows if row["group"] == group]
+        axis.hist(values, bins=bins, alpha=0.7, color=colour, label=f"{group} ({len(values)})")
+    median = float(np.median(everything))
+    axis.axvline(median, color="black", linestyle="--", label=f"median {median:.3g}")
+    axis.set_xlabel("confidence = - mean perplexity over checkpoints")
+    axis.set_ylabel("examples")
+    axis.set_title(title or "SFTMix confidence")
+    axis.legend()
+    figure.tight_layout()
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging, dpi=120)
+    plt.close(figure)
+    staging.replace(path)
+
+
+def split_agreement(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> float:
+    """Fraction of shared ids that fall in the same group in both splits."""
+    groups_a = {row["id"]: row["group"] for row in rows_a}
+    shared = [row for row in rows_b if row["id"] in groups_a]
+    if not shared:
+        raise ValueError("the two confidence files share no id")
+    return sum(groups_a[row["id"]] == row["group"] for row in shared) / len(shared)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

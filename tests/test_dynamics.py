@@ -1,0 +1,157 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conftest import make_conversations, make_tokenizer, write_jsonl
+from sftmix import dynamics as dyn
+from sftmix.config import DynamicsConfig
+from sftmix.data import build_dataset
+from sftmix.pipeline import dynamics, train
+from test_trainer import make_config
+
+
+def dynamics_config(tmp_path, model_dir, data_path, name="dyn", **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / name), model_name_or_path=str(model_dir), dataset_path=str(data_path),
+        per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True, num_train_epochs=2, seed=3,
+        gradient_checkpointing=False, disable_tqdm=True, max_length=64, scoring_batch_tokens=100,
+    )
+    settings.update(overrides)
+    return DynamicsConfig(**settings)
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def independent_perplexity(model, tokenizer, example):
+    """exp(mean CE over response tokens) of one unpadded example, from full logits."""
+    input_ids = torch.tensor([example["input_ids"]])
+    labels = torch.tensor(example["labels"])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[0, :-1]
+    return math.exp(F.cross_entropy(logits, labels[1:], ignore_index=-100).item())
+
+
+def test_writes_three_files_with_independently_checked_perplexities(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    output_dir = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0]))
+    rows = read(output_dir / "confidence.jsonl")
+    meta = json.loads((output_dir / "dynamics.json").read_text())
+    assert (output_dir / "confidence.png").stat().st_size > 5000
+    assert len(meta["checkpoints"]) == 4 and meta["dataset"]["fingerprint"]
+    assert meta["summary"]["confident"]["count"] == meta["summary"]["unconfident"]["count"] == 8
+    dataset, _ = build_dataset(tiny_data[0], tokenizer, max_length=64)
+    for checkpoint_number, checkpoint in enumerate(meta["checkpoints"]):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        for index in (0, 5, 11):
+            expected = independent_perplexity(model, tokenizer, dataset[index])
+            assert rows[index]["id"] == dataset[index]["id"]
+            assert rows[index]["perplexities"][checkpoint_number] == pytest.approx(expected, rel=1e-4)
+    for row in rows:
+        assert row["confidence"] == pytest.approx(-sum(row["perplexities"]) / 4)
+        assert row["num_tokens"] == sum(label != -100 for label in dataset[rows.index(row)]["labels"][1:])
+    confident = [row["confidence"] for row in rows if row["group"] == "confident"]
+    unconfident = [row["confidence"] for row in rows if row["group"] == "unconfident"]
+    assert min(confident) >= max(unconfident)
+    # checkpoints are evenly spaced over the 8-step run
+    assert [c.rsplit("-", 1)[1] for c in meta["checkpoints"]] == ["2", "4", "6", "8"]
+
+
+def test_split_ties_and_odd_counts_are_deterministic():
+    ids = ["d", "b", "c", "a", "e"]
+    groups = dyn.split_groups(ids, [1.0, 1.0, 0.0, 1.0, -1.0])
+    # two confident of five (floor); among the three tied at 1.0, ids a and b win
+    assert groups == ["unconfident", "confident", "unconfident", "confident", "unconfident"]
+    assert dyn.split_groups(ids, [1.0, 1.0, 0.0, 1.0, -1.0], split_ratio=0.8).count("confident") == 4
+
+
+def test_length_batches_cover_everything_within_budget():
+    lengths = [5, 30, 12, 12, 7, 50, 3]
+    batches = dyn.length_batches(lengths, max_tokens=40)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 40
+    assert batches[0] == [5]  # longest first, alone
+
+
+def test_deterministic_and_resumes_after_kill(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    straight = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="straight"))
+    calls, kill = [], {"at_call": 2}
+    real_score = dyn.score_model
+
+    def dies_on_second_checkpoint(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        if len(calls) == kill["at_call"]:
+            raise KeyboardInterrupt("simulated kill")
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(dyn, "score_model", dies_on_second_checkpoint)
+    config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="killed")
+    with pytest.raises(KeyboardInterrupt):
+        dynamics(config)
+    assert not (tmp_path / "killed" / "confidence.jsonl").exists()
+    assert len(list((tmp_path / "killed" / "scores").glob("*.json"))) == 1
+    calls.clear()
+    kill["at_call"] = None
+    dynamics(config)
+    assert calls == ["Scoring checkpoint-4", "Scoring checkpoint-6", "Scoring checkpoint-8"]  # first one reused
+    assert (tmp_path / "killed" / "confidence.jsonl").read_text() == (straight / "confidence.jsonl").read_text()
+
+
+def test_existing_checkpoints_are_scored_without_training(tiny_model_dir, tiny_data, tmp_path):
+    config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)] * 2)
+    output_dir = dynamics(config)
+    assert not (output_dir / "reference").exists()
+    rows = read(output_dir / "confidence.jsonl")
+    assert all(row["perplexities"][0] == row["perplexities"][1] for row in rows)
+
+
+def test_weak_to_strong_split_transfers_across_tokenizers(tiny_model_dir, tiny_data, tmp_path):
+    """The split of a small reference model (one tokenizer) trains a target with another tokenizer."""
+    split = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other_tokenizer = make_tokenizer(vocab_size=400, seed=9)
+    target_dir = tmp_path / "target"
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(other_tokenizer), hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, pad_token_id=other_tokenizer.pad_token_id,
+    )).save_pretrained(target_dir)
+    other_tokenizer.save_pretrained(target_dir)
+    assert len(other_tokenizer) != 300
+    config = make_config(tmp_path, output_dir=str(tmp_path / "strong"), model_name_or_path=str(target_dir),
+                         dataset_path=str(tiny_data[0]), confidence_path=str(split / "confidence.jsonl"),
+                         max_steps=2, max_length=64)
+    assert (train(config) / "model.safetensors").exists()
+
+
+def test_changed_dataset_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    split = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1))
+    rows = make_conversations(16)
+    rows[3]["output"] = "changed answer"  # same ids, other content
+    changed = write_jsonl(tmp_path / "changed.jsonl", rows)
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(changed),
+                         confidence_path=str(split / "confidence.jsonl"), max_length=64)
+    with pytest.raises(ValueError, match=r"dataset changed since `sftmix dynamics`.*0 ids differ \(same ids"):
+        train(config)
+    fewer = write_jsonl(tmp_path / "fewer.jsonl", make_conversations(14))
+    config.dataset_path = str(fewer)
+    with pytest.raises(ValueError, match="2 ids differ"):
+        train(config)
+
+
+def test_online_dynamics_records_every_example_each_epoch(tiny_model_dir, tiny_data, tmp_path):
+    output_dir = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], online=True))
+    meta = json.loads((output_dir / "dynamics.json").read_text())
+    assert meta["online"] and meta["checkpoints"] == ["online-visit-1", "online-visit-2"]
+    assert not (output_dir / "scores").exists()  # no scoring pass
+    rows = read(output_dir / "confidence.jsonl")
+    assert len(rows) == 16 and all(len(row["perplexities"]) == 2 for row in rows)
+    # In epoch 1 the untrained model is barely better than uniform over the 300-token vocabulary.
+    first_visit = [row["perplexities"][0] for row in rows]
+    assert all(100 < value < 600 for value in first_visit)
+    assert sum(row["group"] == "confident" for row in rows) == 8
