@@ -2,6 +2,8 @@
 
     sftmix train     --config run.yaml [--field value ...]
     sftmix dynamics  --config run.yaml [--field value ...]
+    sftmix run       [--config run.yaml] [--field value ...]      (no arguments: the embedded quick-start)
+    sftmix eval      --model DIR --dataset FILE [--prompts FILE] ...
     sftmix compare-splits A/confidence.jsonl B/confidence.jsonl
 """
 
@@ -14,6 +16,8 @@ import sys
 COMMANDS = {
     "train": "train a model with SFTMix or plain NTP",
     "dynamics": "score every example's confidence from a reference run and split the data",
+    "run": "the whole recipe: dynamics, SFTMix, NTP baseline, eval, report (resumable)",
+    "eval": "held-out NLL, generations (AlpacaEval / MT-Bench formats), confidence spread",
     "compare-splits": "fraction of examples in the same group in two confidence files",
 }
 
@@ -27,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command, rest = argv[0], argv[1:]
-    return {"train": _train, "dynamics": _dynamics, "compare-splits": _compare_splits}[command](rest)
+    handlers = {"train": _train, "dynamics": _dynamics, "run": _run, "eval": _eval, "compare-splits": _compare_splits}
+    return handlers[command](rest)
 
 
 def _parse(config_class, prog: str, argv: list[str]):
@@ -54,6 +59,31 @@ def _dynamics(argv: list[str]) -> int:
     if output_dir is not None:
         print(f"Confidence split written to {output_dir / 'confidence.jsonl'} "
               f"(train with: sftmix train --confidence_path {output_dir / 'confidence.jsonl'})")
+    return 0
+
+
+def _run(argv: list[str]) -> int:
+    from .config import RunConfig
+    from .pipeline import run
+
+    if not argv:  # the quick start: the shipped config, sized for a 2-core CPU
+        from importlib import resources
+
+        argv = ["--config", str(resources.files("sftmix") / "quickstart.yaml")]
+    run_dir = run(_parse(RunConfig, "sftmix run", argv))
+    print(f"Report: {run_dir / 'report.md'}  (numbers: {run_dir / 'metrics.json'})")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .config import EvalConfig
+    from .pipeline import evaluate
+
+    (config,) = HfArgumentParser(EvalConfig, prog="sftmix eval").parse_args_into_dataclasses(argv)
+    evaluate(config)
+    print(f"Metrics: {config.output_dir}/metrics.json")
     return 0
 
 

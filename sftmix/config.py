@@ -107,8 +107,8 @@ class SFTMixConfig(SFTConfig):
 
 
 @dataclass
-class DynamicsConfig(SFTMixConfig):
-    """`sftmix dynamics`: Stage 1. `model_name_or_path` is the *reference* model (may differ from the target)."""
+class _DynamicsFields:
+    """Stage-1 settings shared by `sftmix dynamics` and `sftmix run`."""
 
     checkpoints: list[str] | None = field(
         default=None,
@@ -129,13 +129,91 @@ class DynamicsConfig(SFTMixConfig):
     scoring_batch_tokens: int = field(
         default=16384, metadata={"help": "Padded tokens per scoring batch (examples are batched by length)."}
     )
+
+    def _check_dynamics_fields(self) -> None:
+        if not 0 < self.split_ratio < 1:
+            raise ValueError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
+        if self.num_checkpoints < 1:
+            raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+
+
+@dataclass
+class DynamicsConfig(_DynamicsFields, SFTMixConfig):
+    """`sftmix dynamics`: Stage 1. `model_name_or_path` is the *reference* model (may differ from the target)."""
+
     num_train_epochs: float = field(default=1.0, metadata={"help": "Reference run length; paper: 1 epoch."})
     output_dir: str | None = field(default="dynamics", metadata={"help": "Where confidence.jsonl etc. go."})
 
     def __post_init__(self):
         self.loss_type = "ntp"  # the reference run is plain NTP
         super().__post_init__()
-        if not 0 < self.split_ratio < 1:
-            raise ValueError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
-        if self.num_checkpoints < 1:
-            raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+        self._check_dynamics_fields()
+
+
+@dataclass
+class RunConfig(_DynamicsFields, SFTMixConfig):
+    """`sftmix run`: dynamics -> split -> SFTMix -> NTP baseline -> eval -> report, in `output_dir`."""
+
+    output_dir: str | None = field(default="runs/sftmix", metadata={"help": "The run directory."})
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Fraction of the data held out (never trained on) for evaluation."}
+    )
+    no_baseline: bool = field(default=False, metadata={"help": "Skip the NTP baseline."})
+    seeds: list[int] = field(
+        default_factory=lambda: [42],
+        metadata={"help": "Train and evaluate once per seed (e.g. --seeds 1 2 3); the report gives mean and std."},
+    )
+    dynamics_epochs: float = field(default=1.0, metadata={"help": "Reference run length; paper: 1 epoch."})
+    eval_datasets: list[str] | None = field(
+        default=None, metadata={"help": "Reference sets (instruction + reference output) scored for response NLL."}
+    )
+    generation_prompts: str | None = field(
+        default=None,
+        metadata={"help": "Prompts to answer: JSONL with `instruction` (AlpacaEval) or `turns` (MT-Bench), or "
+                  "any supported SFT format. Default: the held-out split."},
+    )
+    num_generations: int = field(default=16, metadata={"help": "How many prompts to answer."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation length limit (greedy decoding)."})
+    num_confidence_examples: int = field(
+        default=512, metadata={"help": "Training examples scored for the confidence-spread diagnostic."}
+    )
+    judge_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible endpoint for pairwise judging (off when unset)."}
+    )
+    judge_model: str | None = field(default=None, metadata={"help": "Judge model name."})
+    judge_api_key_env: str = field(
+        default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_dynamics_fields()
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    """`sftmix eval`: likelihood on reference sets, generations, confidence spread."""
+
+    model: str = field(metadata={"help": "Model directory (or HF id) to evaluate."})
+    dataset: list[str] | None = field(
+        default=None, metadata={"help": "Sets with reference responses, scored for response NLL / perplexity."}
+    )
+    prompts: str | None = field(default=None, metadata={"help": "Prompts to answer (see `sftmix run`)."})
+    confidence_dataset: str | None = field(
+        default=None, metadata={"help": "Training set for the confidence-spread diagnostic."}
+    )
+    confidence_max_examples: int | None = field(
+        default=None, metadata={"help": "First N examples of the confidence-spread set (None: all)."}
+    )
+    output_dir: str = field(default="eval", metadata={"help": "Where metrics.json and outputs go."})
+    generator: str | None = field(default=None, metadata={"help": "Name written in model_outputs.json."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per scored example."})
+    max_examples: int | None = field(default=None, metadata={"help": "First N examples of each scored set."})
+    num_generations: int | None = field(default=None, metadata={"help": "First N prompts (None: all)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Generation length limit (greedy)."})
+    batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
+    scoring_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per scoring batch."})
+    use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is there."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})

@@ -316,8 +316,9 @@ def build_dataset(
     from tqdm.auto import tqdm
 
     records, report = load_records(path if path is not None else default_dataset_path(), split)
-    if max_examples is not None:
+    if max_examples is not None and max_examples < len(records):
         records = records[:max_examples]
+        report.source += f" (first {max_examples} records)"
     rows: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
     seen_ids: dict[str, int] = {}
     fingerprint = hashlib.sha256()

@@ -3,6 +3,9 @@
     train(config):     model + tokenizer -> dataset -> confidence split -> SFTMixTrainer -> saved model
     dynamics(config):  dataset -> NTP reference run with C checkpoints (or given checkpoints)
                        -> response NLL per example and checkpoint -> confidence -> split -> files
+    evaluate(config):  held-out / reference NLL -> generations -> confidence spread -> metrics.json
+    run(config):       held-out split -> dynamics -> SFTMix -> NTP baseline -> eval -> judge -> report,
+                       each stage in its own folder, skipped when its inputs and config are unchanged
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import dynamics as dyn
-from .config import DynamicsConfig, SFTMixConfig
+from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from .data import DataReport, build_dataset, read_confidence, write_atomic
 from .model import load_model, load_tokenizer, resolve_model_path
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
@@ -93,6 +96,7 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     output_dir = Path(config.output_dir)
     _save(trainer, config, output_dir)
+    trainer.save_state()  # trainer_state.json: the loss curves of the report
     if trainer.is_world_process_zero():
         write_atomic(output_dir / "data_report.json", json.dumps(vars(prepared.report), indent=2, default=str))
     return output_dir
@@ -224,3 +228,172 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
     scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens)
     dyn.save_scores(path, scores, prepared.report.fingerprint)
     return scores
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def evaluate(config: EvalConfig) -> dict[str, Any]:
+    """Score, generate and diagnose one model; writes metrics.json (+ outputs) to `config.output_dir`."""
+    from . import eval as ev
+
+    output_dir = Path(config.output_dir)
+    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    model = load_model(config.model, config.trust_remote_code).to(device)
+    metrics: dict[str, Any] = {"model": config.model, "likelihood": {}}
+    for path in config.dataset or []:
+        dataset, _ = build_dataset(path, tokenizer, config.max_length, config.max_examples)
+        result = ev.response_perplexity(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
+                                        desc=f"NLL {Path(path).stem}")
+        per_example = result.pop("per_example")
+        write_atomic(output_dir / f"nll-{Path(path).stem}.jsonl", "".join(json.dumps(r) + "\n" for r in per_example))
+        metrics["likelihood"][Path(path).stem] = result
+    if config.prompts:
+        prompts = ev.load_prompts(config.prompts, config.num_generations)
+        answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,
+                                      config.batch_size)
+        generator = config.generator or Path(config.model).name
+        write_atomic(output_dir / "model_outputs.json",
+                     json.dumps(ev.alpaca_eval_outputs(prompts, answers, generator), indent=2))
+        if any(len(p["turns"]) > 1 for p in prompts):
+            rows = ev.mt_bench_answers(prompts, answers, generator)
+            write_atomic(output_dir / "mt_bench_answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        metrics["generation"] = {"prompts": len(prompts), "mean_answer_words":
+                                 sum(len(a[0].split()) for a in answers) / max(len(answers), 1)}
+    if config.confidence_dataset:
+        dataset, _ = build_dataset(config.confidence_dataset, tokenizer, config.max_length,
+                                   config.confidence_max_examples)
+        metrics["confidence"] = ev.confidence_spread(model, dataset, tokenizer.pad_token_id,
+                                                     config.scoring_batch_tokens)
+    write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(config: RunConfig, callbacks: list | None = None) -> Path:
+    """The whole recipe; re-running the same command resumes where it stopped."""
+    from . import report
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = run_dir / "data"
+    _stage(data_dir, {"dataset": config.dataset_path, "max_examples": config.max_examples,
+                      "eval_fraction": config.eval_fraction, "seed": config.seeds[0]},
+           lambda: split_heldout(config, data_dir))
+    train_path, heldout_path = str(data_dir / "train.jsonl"), str(data_dir / "heldout.jsonl")
+    data_key = {"data": _file_hash(train_path)}
+    common = dict(dataset_path=train_path, max_examples=None)
+    dyn_config = _stage_config(DynamicsConfig, config, output_dir=str(run_dir / "dynamics"),
+                               num_train_epochs=config.dynamics_epochs, seed=config.seeds[0], **common)
+    _stage(run_dir / "dynamics", {**data_key, **_config_key(dyn_config)}, lambda: dynamics(dyn_config))
+    confidence_path = str(run_dir / "dynamics" / "confidence.jsonl")
+    variants = ["sftmix"] + ([] if config.no_baseline else ["ntp"])
+    for seed in config.seeds:
+        for variant in variants:
+            name = f"{variant}-seed{seed}"
+            train_config = _stage_config(
+                SFTMixConfig, config, output_dir=str(run_dir / name), seed=seed,
+                loss_type=config.loss_type if variant == "sftmix" else "ntp",
+                confidence_path=confidence_path if variant == "sftmix" else None, **common,
+            )
+            inputs = {**data_key, "confidence": _file_hash(confidence_path) if variant == "sftmix" else None}
+            _stage(run_dir / name, {**inputs, **_config_key(train_config)},
+                   lambda c=train_config: train(c, callbacks=callbacks))
+            eval_config = EvalConfig(
+                model=str(run_dir / name), dataset=[heldout_path, *(config.eval_datasets or [])],
+                prompts=config.generation_prompts or heldout_path, confidence_dataset=train_path,
+                confidence_max_examples=config.num_confidence_examples,
+                output_dir=str(run_dir / "eval" / name), generator=name, max_length=config.max_length,
+                num_generations=config.num_generations, max_new_tokens=config.max_new_tokens,
+                batch_size=config.per_device_train_batch_size, scoring_batch_tokens=config.scoring_batch_tokens,
+                use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
+            )
+            eval_key = {"model": _file_hash(str(run_dir / name / "model.safetensors")), **vars(eval_config)}
+            _stage(run_dir / "eval" / name, {**eval_key, **{p: _file_hash(p) for p in eval_config.dataset}},
+                   lambda c=eval_config: evaluate(c))
+    if config.judge_base_url and not config.no_baseline:
+        _stage(run_dir / "judge", {"url": config.judge_base_url, "model": config.judge_model,
+                                   "answers": [_file_hash(str(run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json"))
+                                               for s in config.seeds for v in variants]},
+               lambda: report.judge_stage(config, run_dir))
+    report.write_report(run_dir, config)
+    return run_dir
+
+
+def split_heldout(config: RunConfig, data_dir: Path) -> None:
+    """Write data/train.jsonl and data/heldout.jsonl: a deterministic split by hashed example id."""
+    import hashlib
+
+    from .data import default_dataset_path, example_id, load_records, to_messages
+
+    records, report = load_records(config.dataset_path or default_dataset_path(), config.dataset_split)
+    records = records[: config.max_examples]
+    seed = config.seeds[0]
+
+    def rank(record) -> str:
+        identifier = example_id(record, to_messages(record))
+        return hashlib.sha256(f"{seed}:{identifier}".encode()).hexdigest()
+
+    ordered = sorted(records, key=rank)
+    num_heldout = max(1, round(len(ordered) * config.eval_fraction))
+    heldout, training = ordered[:num_heldout], ordered[num_heldout:]
+    write_atomic(data_dir / "heldout.jsonl", "".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in heldout))
+    write_atomic(data_dir / "train.jsonl", "".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in training))
+    write_atomic(data_dir / "split.json", json.dumps({"source": report.source, "train": len(training),
+                                                      "heldout": len(heldout), "load_report": vars(report)}, indent=2))
+
+
+def _stage_config(config_class, run_config: RunConfig, **overrides):
+    """A stage's config: every field it shares with the run config, plus the overrides."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class) if f.init}
+    values = {name: copy.deepcopy(getattr(run_config, name)) for name in names if hasattr(run_config, name)}
+    values.update(overrides)
+    return config_class(**values)
+
+
+VOLATILE_FIELDS = {"logging_dir", "output_dir"}  # paths or timestamps that do not change results
+
+
+def _config_key(config) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS}
+
+
+def _file_hash(path: str) -> str | None:
+    import hashlib
+
+    file = Path(path)
+    if not file.exists():
+        return None
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _stage(directory: Path, key: dict, work) -> None:
+    """Run `work` unless `directory` holds a finished stage with the same key.
+
+    A folder left by a killed stage with the same key is kept (the stage resumes from
+    its checkpoints / score files); one made with another key is removed first.
+    """
+    import hashlib
+    import shutil
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    done, pending = directory / "stage.json", directory / "stage.pending.json"
+    if done.exists() and json.loads(done.read_text())["key"] == digest:
+        logger.warning("Stage %s: up to date, skipped", directory.name)
+        return
+    if directory.exists() and not (pending.exists() and json.loads(pending.read_text())["key"] == digest):
+        shutil.rmtree(directory)
+    write_atomic(pending, json.dumps({"key": digest}))
+    done.unlink(missing_ok=True)
+    work()
+    write_atomic(done, json.dumps({"key": digest, "inputs": key}, indent=2, default=str))
+    pending.unlink()

@@ -1,0 +1,247 @@
+"""Evaluation: held-out response NLL, generations in AlpacaEval / MT-Bench formats, pairwise judging.
+
+    response_perplexity(model, dataset)   per-example and overall NLL / perplexity (response tokens only)
+    generate_answers(model, tokenizer, conversations)   batched greedy generation, multi-turn aware
+    alpaca_eval_outputs(...) / mt_bench_answers(...)    the two public answer formats
+    JudgeClient                          pairwise A-vs-B judging over an OpenAI-compatible endpoint
+    confidence_spread(model, dataset)    the paper's diagnostic: std of per-example confidence
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .dynamics import score_model
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- likelihood
+
+
+def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, desc: str = "NLL") -> dict[str, Any]:
+    """Mean response-token NLL and perplexity, overall (token-weighted) and per example."""
+    nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc=desc)
+    total_tokens = sum(num_tokens)
+    mean_nll = sum(nll_sum) / max(total_tokens, 1)
+    per_example = [
+        {"id": example_id, "nll": nll / max(count, 1), "perplexity": math.exp(nll / max(count, 1)), "num_tokens": count}
+        for example_id, nll, count in zip(dataset["id"], nll_sum, num_tokens)
+    ]
+    return {"nll": mean_nll, "perplexity": math.exp(mean_nll), "num_tokens": total_tokens,
+            "num_examples": len(per_example), "per_example": per_example}
+
+
+def confidence_spread(model, dataset, pad_id: int, max_tokens: int = 16384) -> dict[str, float]:
+    """The paper's diagnostic: std (and mean) of per-example confidence (= -perplexity) under one model."""
+    nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc="Confidence")
+    confidences = torch.tensor([-math.exp(nll / max(count, 1)) for nll, count in zip(nll_sum, num_tokens)])
+    return {"confidence_std": confidences.std().item(), "confidence_mean": confidences.mean().item()}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@torch.inference_mode()
+def generate_answers(
+    model, tokenizer, conversations: list[list[str]], max_new_tokens: int = 256, batch_size: int = 8,
+    desc: str = "Generating",
+) -> list[list[str]]:
+    """Greedy answers to each conversation's user turns, turn by turn (MT-Bench style for several turns).
+
+    conversations: one list of user messages per prompt -> one list of answers per prompt.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[list[str]] = [[] for _ in conversations]
+    num_turns = max(len(turns) for turns in conversations)
+    progress = tqdm(total=sum(len(turns) for turns in conversations), desc=desc, unit="answer")
+    for turn in range(num_turns):
+        pending = [index for index, turns in enumerate(conversations) if len(turns) > turn]
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            prompts = [_chat_prompt(tokenizer, conversations[index][: turn + 1], answers[index]) for index in chunk]
+            for index, text in zip(chunk, _generate(model, tokenizer, prompts, max_new_tokens, device)):
+                answers[index].append(text)
+            progress.update(len(chunk))
+    progress.close()
+    return answers
+
+
+def _chat_prompt(tokenizer, user_turns: list[str], previous_answers: list[str]) -> str:
+    messages = []
+    for position, user in enumerate(user_turns):
+        messages.append({"role": "user", "content": user})
+        if position < len(previous_answers):
+            messages.append({"role": "assistant", "content": previous_answers[position]})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    finally:
+        tokenizer.padding_side = side
+    output = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    new_tokens = output[:, batch["input_ids"].size(1) :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def alpaca_eval_outputs(prompts: list[dict], answers: list[list[str]], generator: str) -> list[dict]:
+    """AlpacaEval `model_outputs.json` rows: instruction, output, generator, dataset."""
+    return [
+        {"instruction": prompt["instruction"], "output": answer[0], "generator": generator,
+         "dataset": prompt.get("dataset", "custom")}
+        for prompt, answer in zip(prompts, answers)
+    ]
+
+
+def mt_bench_answers(questions: list[dict], answers: list[list[str]], model_id: str) -> list[dict]:
+    """FastChat MT-Bench answer rows (model_answer/<model_id>.jsonl)."""
+    return [
+        {"question_id": question["question_id"], "answer_id": uuid.uuid4().hex, "model_id": model_id,
+         "choices": [{"index": 0, "turns": answer}], "tstamp": time.time()}
+        for question, answer in zip(questions, answers)
+    ]
+
+
+def load_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """Prompts as {"instruction", "turns", "dataset", "question_id"} from AlpacaEval, MT-Bench or SFT rows."""
+    from .data import load_records, to_messages
+
+    records, _ = load_records(path)
+    prompts = []
+    for record in records[:limit]:
+        data = record.data
+        if isinstance(data.get("turns"), list):  # FastChat MT-Bench question.jsonl
+            turns = [str(turn) for turn in data["turns"]]
+        elif isinstance(data.get("instruction"), str):  # AlpacaEval
+            extra = data.get("input") or ""
+            turns = [f"{data['instruction']}\n\n{extra}" if extra.strip() else data["instruction"]]
+        else:
+            users = [m["content"] for m in to_messages(record) if m["role"] == "user"]
+            if not users:
+                raise ValueError(f"{record.where}: no user turn to answer")
+            turns = users[:1]
+        prompts.append({"instruction": turns[0], "turns": turns, "dataset": data.get("dataset", "custom"),
+                        "question_id": data.get("question_id", data.get("id", len(prompts)))})
+    return prompts
+
+
+# --------------------------------------------------------------------------- judging
+
+JUDGE_PROMPT = """You are comparing two AI assistants' answers to the same user instruction.
+
+[Instruction]
+{instruction}
+
+[Answer A]
+{answer_a}
+
+[Answer B]
+{answer_b}
+
+Which answer is more helpful, correct and well written? Reply with exactly one line: "Verdict: A", "Verdict: B" or "Verdict: tie"."""
+
+VERDICT = re.compile(r"verdict\s*:\s*(a|b|tie)\b", re.IGNORECASE)
+
+
+class JudgeError(RuntimeError):
+    """The judge gave no usable verdict after every retry."""
+
+
+@dataclass
+class JudgeClient:
+    """Pairwise judge over an OpenAI-compatible `/chat/completions` endpoint.
+
+    The API key is read from the environment variable `api_key_env` at call time and
+    is never logged or stored. Timeouts, HTTP 429/5xx and malformed replies are retried
+    with exponential back-off; after `max_retries` the comparison is reported as failed.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: str = "SFTMIX_JUDGE_API_KEY"
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    backoff_s: float = 1.0
+    failures: list[str] = field(default_factory=list)
+
+    def verdict(self, instruction: str, answer_a: str, answer_b: str) -> str:
+        """'A', 'B' or 'tie'; raises JudgeError after the retries."""
+        prompt = JUDGE_PROMPT.format(instruction=instruction, answer_a=answer_a, answer_b=answer_b)
+        last_error = "no attempt"
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                match = VERDICT.search(self._complete(prompt))
+                if match:
+                    return {"a": "A", "b": "B", "tie": "tie"}[match.group(1).lower()]
+                last_error = "reply has no 'Verdict: A|B|tie' line"
+            except urllib.error.HTTPError as err:
+                last_error = f"HTTP {err.code}"
+                if err.code < 500 and err.code != 429:
+                    break  # 4xx other than rate limiting will not heal on retry
+            except (urllib.error.URLError, TimeoutError, OSError) as err:
+                last_error = f"connection: {getattr(err, 'reason', err)}"
+            except (KeyError, IndexError, TypeError, ValueError) as err:
+                last_error = f"malformed reply ({type(err).__name__})"
+        raise JudgeError(last_error)
+
+    def _complete(self, prompt: str) -> str:
+        body = json.dumps({"model": self.model, "temperature": 0,
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(f"{self.base_url.rstrip('/')}/chat/completions", body, headers)
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            reply = json.loads(response.read())
+        return reply["choices"][0]["message"]["content"]
+
+
+def pairwise_judge(client: JudgeClient, instructions: list[str], answers_x: list[str], answers_y: list[str],
+                   names: tuple[str, str] = ("sftmix", "ntp")) -> dict[str, Any]:
+    """Judge x vs y on every instruction, each pair in both orders (position bias cancels).
+
+    A pair whose judging failed is reported in `failed`, never counted as a win, loss or tie.
+    """
+    wins = {names[0]: 0.0, names[1]: 0.0}
+    failed: list[dict[str, Any]] = []
+    judged = 0
+    for index, (instruction, x, y) in enumerate(tqdm(list(zip(instructions, answers_x, answers_y)), desc="Judging")):
+        try:
+            first = client.verdict(instruction, x, y)  # x is A
+            second = client.verdict(instruction, y, x)  # x is B
+        except JudgeError as err:
+            failed.append({"index": index, "error": str(err)})
+            continue
+        judged += 1
+        for verdict, x_label in ((first, "A"), (second, "B")):
+            if verdict == "tie":
+                wins[names[0]] += 0.25
+                wins[names[1]] += 0.25
+            else:
+                wins[names[0] if verdict == x_label else names[1]] += 0.5
+    win_rate = wins[names[0]] / judged if judged else None
+    return {"judged": judged, "failed": failed, "wins": wins, f"{names[0]}_win_rate": win_rate}
