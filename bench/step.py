@@ -205,7 +205,8 @@ def report(args, results: dict) -> None:
 
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    cpu = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
     print(f"\nmodel {Path(args.model).name}, batch {args.batch_size} x {args.seq_len}, {args.dtype}, gradient "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, AdamW, {args.steps} timed steps after "
           f"{args.warmup} warm-up; device: {device}\n")
@@ -223,7 +224,8 @@ def report(args, results: dict) -> None:
         print(f"| {names[variant]} | {result['median_step_s']:.2f} | {time_ratio} | {result['peak_mem_mb']:.0f} | "
               f"{memory_ratio} |")
     if "fused" in results and "ntp" in results:
-        print(f"\nfused / sftmix-ntp step time: {results['fused']['median_step_s'] / results['ntp']['median_step_s']:.3f}")
+        ratio = results["fused"]["median_step_s"] / results["ntp"]["median_step_s"]
+        print(f"\nfused / sftmix-ntp step time: {ratio:.3f}")
     if "scoring" in results:
         scoring = results["scoring"]
         print(f"dynamics scoring: {scoring['scoring_tokens_per_s']:.0f} tok/s; plain forward: "

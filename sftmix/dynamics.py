@@ -232,7 +232,6 @@ def plot_confidence(rows: list[dict[str, Any]], path: Path, title: str = "") -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import numpy as np
 
     figure, axis = plt.subplots(figsize=(7, 4))

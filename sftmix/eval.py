@@ -159,7 +159,8 @@ JUDGE_PROMPT = """You are comparing two AI assistants' answers to the same user 
 [Answer B]
 {answer_b}
 
-Which answer is more helpful, correct and well written? Reply with exactly one line: "Verdict: A", "Verdict: B" or "Verdict: tie"."""
+Which answer is more helpful, correct and well written?
+Reply with exactly one line: "Verdict: A", "Verdict: B" or "Verdict: tie"."""
 
 VERDICT = re.compile(r"verdict\s*:\s*(a|b|tie)\b", re.IGNORECASE)
 

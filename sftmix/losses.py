@@ -24,8 +24,8 @@ row) per pair and `lam` [P] its mixing coefficient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

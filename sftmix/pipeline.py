@@ -162,8 +162,9 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | No
     if config.online:
         scores = dyn.online_scores(online_records, ids)
     else:
+        scores_dir = output_dir / "scores"
         scores = [
-            _checkpoint_scores(config, prepared, checkpoint, output_dir / "scores" / f"{k:02d}-{Path(checkpoint).name}.json")
+            _checkpoint_scores(config, prepared, checkpoint, scores_dir / f"{k:02d}-{Path(checkpoint).name}.json")
             for k, checkpoint in enumerate(checkpoints)
         ]
     rows = dyn.confidence_rows(ids, scores, config.split_ratio)

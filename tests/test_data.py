@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import write_jsonl
+
 from sftmix.data import (
     DataError,
     Record,

@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_conversations, make_tokenizer, write_jsonl
+from test_trainer import make_config
 from transformers import AutoModelForCausalLM
 
-from conftest import make_conversations, make_tokenizer, write_jsonl
 from sftmix import dynamics as dyn
 from sftmix.config import DynamicsConfig
 from sftmix.data import build_dataset
 from sftmix.pipeline import dynamics, train
-from test_trainer import make_config
 
 
 def dynamics_config(tmp_path, model_dir, data_path, name="dyn", **overrides):

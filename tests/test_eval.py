@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import write_jsonl
 from sftmix import eval as ev
 from sftmix.config import EvalConfig
 from sftmix.data import build_dataset
@@ -78,7 +78,7 @@ class ScriptedJudge(BaseHTTPRequestHandler):
     script: list[str] = []
     seen: list[dict] = []
 
-    def do_POST(self):  # noqa: N802 - http.server API
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         ScriptedJudge.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         behaviour = ScriptedJudge.script.pop(0) if ScriptedJudge.script else "A"
@@ -96,7 +96,8 @@ class ScriptedJudge(BaseHTTPRequestHandler):
             payload = b"<html>not json"
         else:
             content = {"A": "Verdict: A", "B": "Reasoning...\nVerdict: B", "tie": "verdict: TIE", "none": "maybe"}
-            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content[behaviour]}}]}).encode()
+            message = {"role": "assistant", "content": content[behaviour]}
+            payload = json.dumps({"choices": [{"message": message}]}).encode()
         try:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

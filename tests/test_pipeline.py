@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import make_conversations, write_jsonl
 from transformers import TrainerCallback
 
-from conftest import make_conversations, write_jsonl
 from sftmix.config import RunConfig
 from sftmix.pipeline import run
 
@@ -58,11 +58,13 @@ def test_run_writes_report_and_resumes_after_kill(tiny_model_dir, run_data, tmp_
     heldout = rows["heldout response NLL"]
     assert heldout["diff"] == pytest.approx(heldout["sftmix"] - heldout["ntp"])
     # the report's table shows the numbers of metrics.json
-    assert f"| heldout response NLL | {heldout['sftmix']:.4g} | {heldout['ntp']:.4g} | {heldout['diff']:.4g} |" in report
+    row = f"| heldout response NLL | {heldout['sftmix']:.4g} | {heldout['ntp']:.4g} | {heldout['diff']:.4g} |"
+    assert row in report
     assert "![loss curves](loss_curves.png)" in report and "Prompt 1." in report
     # the held-out examples were never trained on
     held_ids = {json.loads(line)["id"] for line in (straight / "data" / "heldout.jsonl").read_text().splitlines()}
-    trained_ids = {json.loads(line)["id"] for line in (straight / "dynamics" / "confidence.jsonl").read_text().splitlines()}
+    confidence_lines = (straight / "dynamics" / "confidence.jsonl").read_text().splitlines()
+    trained_ids = {json.loads(line)["id"] for line in confidence_lines}
     assert held_ids and not held_ids & trained_ids
     outputs = json.loads((straight / "eval" / "sftmix-seed5" / "model_outputs.json").read_text())
     assert len(outputs) == 3 and outputs[0]["generator"] == "sftmix-seed5"

@@ -30,7 +30,7 @@ def make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path, **overrides):
 
 
 def test_balanced_sampler_halves_and_epochs():
-    confident, unconfident = list(range(0, 10)), list(range(10, 16))
+    confident, unconfident = list(range(10)), list(range(10, 16))
     sampler = BalancedBatchSampler(confident, unconfident, batch_size=4, seed=3)
     assert len(sampler) == 5  # ceil(max(10, 6) / 2)
     epoch0 = list(sampler)
