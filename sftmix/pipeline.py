@@ -247,21 +247,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         dataset, _ = build_dataset(path, tokenizer, config.max_length, config.max_examples)
         result = ev.response_perplexity(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
                                         desc=f"NLL {Path(path).stem}")
-        per_example = result.pop("per_example")
-        write_atomic(output_dir / f"nll-{Path(path).stem}.jsonl", "".join(json.dumps(r) + "\n" for r in per_example))
+        _write_jsonl(output_dir / f"nll-{Path(path).stem}.jsonl", result.pop("per_example"))
         metrics["likelihood"][Path(path).stem] = result
     if config.prompts:
-        prompts = ev.load_prompts(config.prompts, config.num_generations)
-        answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,
-                                      config.batch_size)
-        generator = config.generator or Path(config.model).name
-        write_atomic(output_dir / "model_outputs.json",
-                     json.dumps(ev.alpaca_eval_outputs(prompts, answers, generator), indent=2))
-        if any(len(p["turns"]) > 1 for p in prompts):
-            rows = ev.mt_bench_answers(prompts, answers, generator)
-            write_atomic(output_dir / "mt_bench_answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        metrics["generation"] = {"prompts": len(prompts), "mean_answer_words":
-                                 sum(len(a[0].split()) for a in answers) / max(len(answers), 1)}
+        metrics["generation"] = _generate(config, model, tokenizer, output_dir)
     if config.confidence_dataset:
         dataset, _ = build_dataset(config.confidence_dataset, tokenizer, config.max_length,
                                    config.confidence_max_examples)
@@ -269,6 +258,25 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
                                                      config.scoring_batch_tokens)
     write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _generate(config: EvalConfig, model, tokenizer, output_dir: Path) -> dict[str, Any]:
+    """Answers in AlpacaEval format, and in MT-Bench format when a prompt has several turns."""
+    from . import eval as ev
+
+    prompts = ev.load_prompts(config.prompts, config.num_generations)
+    answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,
+                                  config.batch_size)
+    generator = config.generator or Path(config.model).name
+    write_atomic(output_dir / "model_outputs.json",
+                 json.dumps(ev.alpaca_eval_outputs(prompts, answers, generator), indent=2))
+    if any(len(p["turns"]) > 1 for p in prompts):
+        _write_jsonl(output_dir / "mt_bench_answers.jsonl", ev.mt_bench_answers(prompts, answers, generator))
+    return {"prompts": len(prompts), "mean_answer_words": sum(len(a[0].split()) for a in answers) / len(answers)}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # --------------------------------------------------------------------------- run
@@ -281,47 +289,60 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir = run_dir / "data"
-    _stage(data_dir, {"dataset": config.dataset_path, "max_examples": config.max_examples,
-                      "eval_fraction": config.eval_fraction, "seed": config.seeds[0]},
+    source = config.dataset_path
+    _stage(data_dir, {"dataset": source, "content": _file_hash(source) if source else "embedded",
+                      "max_examples": config.max_examples, "eval_fraction": config.eval_fraction,
+                      "seed": config.seeds[0]},
            lambda: split_heldout(config, data_dir))
-    train_path, heldout_path = str(data_dir / "train.jsonl"), str(data_dir / "heldout.jsonl")
-    data_key = {"data": _file_hash(train_path)}
-    common = dict(dataset_path=train_path, max_examples=None)
+    train_path = str(data_dir / "train.jsonl")
     dyn_config = _stage_config(DynamicsConfig, config, output_dir=str(run_dir / "dynamics"),
-                               num_train_epochs=config.dynamics_epochs, seed=config.seeds[0], **common)
-    _stage(run_dir / "dynamics", {**data_key, **_config_key(dyn_config)}, lambda: dynamics(dyn_config))
-    confidence_path = str(run_dir / "dynamics" / "confidence.jsonl")
+                               num_train_epochs=config.dynamics_epochs, seed=config.seeds[0],
+                               dataset_path=train_path, max_examples=None)
+    _stage(run_dir / "dynamics", {"data": _file_hash(train_path), **_config_key(dyn_config)},
+           lambda: dynamics(dyn_config))
     variants = ["sftmix"] + ([] if config.no_baseline else ["ntp"])
     for seed in config.seeds:
         for variant in variants:
-            name = f"{variant}-seed{seed}"
-            train_config = _stage_config(
-                SFTMixConfig, config, output_dir=str(run_dir / name), seed=seed,
-                loss_type=config.loss_type if variant == "sftmix" else "ntp",
-                confidence_path=confidence_path if variant == "sftmix" else None, **common,
-            )
-            inputs = {**data_key, "confidence": _file_hash(confidence_path) if variant == "sftmix" else None}
-            _stage(run_dir / name, {**inputs, **_config_key(train_config)},
-                   lambda c=train_config: train(c, callbacks=callbacks))
-            eval_config = EvalConfig(
-                model=str(run_dir / name), dataset=[heldout_path, *(config.eval_datasets or [])],
-                prompts=config.generation_prompts or heldout_path, confidence_dataset=train_path,
-                confidence_max_examples=config.num_confidence_examples,
-                output_dir=str(run_dir / "eval" / name), generator=name, max_length=config.max_length,
-                num_generations=config.num_generations, max_new_tokens=config.max_new_tokens,
-                batch_size=config.per_device_train_batch_size, scoring_batch_tokens=config.scoring_batch_tokens,
-                use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
-            )
-            eval_key = {"model": _file_hash(str(run_dir / name / "model.safetensors")), **vars(eval_config)}
-            _stage(run_dir / "eval" / name, {**eval_key, **{p: _file_hash(p) for p in eval_config.dataset}},
-                   lambda c=eval_config: evaluate(c))
+            model_dir = _train_stage(config, run_dir, variant, seed, callbacks)
+            _eval_stage(config, run_dir, model_dir)
     if config.judge_base_url and not config.no_baseline:
+        answers = [run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json" for s in config.seeds for v in variants]
         _stage(run_dir / "judge", {"url": config.judge_base_url, "model": config.judge_model,
-                                   "answers": [_file_hash(str(run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json"))
-                                               for s in config.seeds for v in variants]},
+                                   "answers": [_file_hash(str(path)) for path in answers]},
                lambda: report.judge_stage(config, run_dir))
     report.write_report(run_dir, config)
     return run_dir
+
+
+def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, callbacks) -> Path:
+    """`sftmix-seed<S>` trains with config.loss_type on the split; `ntp-seed<S>` is the same run with plain NTP."""
+    train_path, confidence_path = run_dir / "data" / "train.jsonl", run_dir / "dynamics" / "confidence.jsonl"
+    mixing = variant == "sftmix"
+    train_config = _stage_config(
+        SFTMixConfig, config, output_dir=str(run_dir / f"{variant}-seed{seed}"), seed=seed,
+        loss_type=config.loss_type if mixing else "ntp", confidence_path=str(confidence_path) if mixing else None,
+        dataset_path=str(train_path), max_examples=None,
+    )
+    inputs = {"data": _file_hash(str(train_path)), "confidence": _file_hash(str(confidence_path)) if mixing else None}
+    _stage(Path(train_config.output_dir), {**inputs, **_config_key(train_config)},
+           lambda: train(train_config, callbacks=callbacks))
+    return Path(train_config.output_dir)
+
+
+def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path) -> None:
+    heldout, train_path = str(run_dir / "data" / "heldout.jsonl"), str(run_dir / "data" / "train.jsonl")
+    eval_config = EvalConfig(
+        model=str(model_dir), dataset=[heldout, *(config.eval_datasets or [])],
+        prompts=config.generation_prompts or heldout, confidence_dataset=train_path,
+        confidence_max_examples=config.num_confidence_examples,
+        output_dir=str(run_dir / "eval" / model_dir.name), generator=model_dir.name, max_length=config.max_length,
+        num_generations=config.num_generations, max_new_tokens=config.max_new_tokens,
+        batch_size=config.per_device_train_batch_size, scoring_batch_tokens=config.scoring_batch_tokens,
+        use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
+    )
+    inputs = {"model": _file_hash(str(model_dir / "model.safetensors")),
+              **{path: _file_hash(path) for path in [*eval_config.dataset, eval_config.prompts, train_path]}}
+    _stage(Path(eval_config.output_dir), {**inputs, **vars(eval_config)}, lambda: evaluate(eval_config))
 
 
 def split_heldout(config: RunConfig, data_dir: Path) -> None:
