@@ -189,6 +189,7 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done)."""
     reference = copy.deepcopy(config)
     reference.output_dir = str(Path(config.output_dir) / "reference")
+    reference.save_total_limit = None  # all C checkpoints are scored
     done = Path(reference.output_dir) / "reference.json"
     if done.exists():
         finished = json.loads(done.read_text())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers.utils import ModelOutput
 from trl import SFTTrainer
@@ -123,7 +124,10 @@ def add_sftmix_head(model) -> None:
 
 def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, softcap) -> LossTerms:
     labels = request.labels.to(hidden.device)
-    common = (hidden, labels, lm_head.weight, request.pair_index, request.lam, request.ntp_scale, request.mixup_scale)
+    weight = lm_head.weight
+    if isinstance(weight, DTensor):  # FSDP2 shards the head; the tiles need all of it (as TRL's fused head does)
+        weight = weight.full_tensor()
+    common = (hidden, labels, weight, request.pair_index, request.lam, request.ntp_scale, request.mixup_scale)
     if request.fused and linear_head:
         return sftmix_loss_fused(*common)
 

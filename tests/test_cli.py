@@ -85,3 +85,20 @@ def test_embedded_default_ntp_five_steps(tmp_path):
                         "--save_strategy", "no"), cwd=tmp_path)
     assert "ShareGPT" in result.stderr
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 576
+
+
+@pytest.mark.slow
+def test_embedded_default_dynamics_256_examples(tmp_path):
+    """Issue check: `sftmix dynamics` on 256 ShareGPT examples finishes on CPU (~15 min on 2 cores)."""
+    run(sftmix("dynamics", "--max_examples", "256", "--max_length", "512", "--gradient_checkpointing", "false",
+               "--output_dir", "dyn"), cwd=tmp_path)
+    rows = (tmp_path / "dyn" / "confidence.jsonl").read_text().splitlines()
+    assert len(rows) > 100 and (tmp_path / "dyn" / "confidence.png").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_run(tmp_path):
+    """Issue check: `sftmix run` with no arguments on the embedded default (~15 min on 2 cores)."""
+    result = run(sftmix("run"), cwd=tmp_path)
+    assert "Report: runs/quickstart/report.md" in result.stdout
+    assert (tmp_path / "runs" / "quickstart" / "metrics.json").exists()

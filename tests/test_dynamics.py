@@ -38,7 +38,8 @@ def independent_perplexity(model, tokenizer, example):
 
 
 def test_writes_three_files_with_independently_checked_perplexities(tiny_model_dir, tiny_data, tokenizer, tmp_path):
-    output_dir = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0]))
+    # save_total_limit (e.g. inherited from a run config) must not delete checkpoints before they are scored
+    output_dir = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], save_total_limit=1))
     rows = read(output_dir / "confidence.jsonl")
     meta = json.loads((output_dir / "dynamics.json").read_text())
     assert (output_dir / "confidence.png").stat().st_size > 5000
