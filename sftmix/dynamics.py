@@ -236,10 +236,16 @@ def plot_confidence(rows: list[dict[str, Any]], path: Path, title: str = "") -> 
 
     figure, axis = plt.subplots(figsize=(7, 4))
     everything = np.array([row["confidence"] for row in rows])
-    bins = np.histogram_bin_edges(everything, bins=40)  # shared, so the two groups are comparable
+    # Perplexity has a long tail (a response truncated to one token can score 10^4): the lowest 1% would
+    # squeeze every other example into one bar, so the x-range starts at the 1st percentile.
+    low = float(np.percentile(everything, 1)) if len(everything) >= 100 else float(everything.min())
+    bins = np.histogram_bin_edges(everything[everything >= low], bins=40)  # shared by both groups
     for group, colour in (("confident", "tab:blue"), ("unconfident", "tab:orange")):
-        values = [row["confidence"] for row in rows if row["group"] == group]
-        axis.hist(values, bins=bins, alpha=0.7, color=colour, label=f"{group} ({len(values)})")
+        values = [row["confidence"] for row in rows if row["group"] == group and row["confidence"] >= low]
+        axis.hist(values, bins=bins, alpha=0.7, color=colour, label=f"{group} ({len(values)} shown)")
+    hidden = int((everything < low).sum())
+    if hidden:
+        title = f"{title or 'SFTMix confidence'}; {hidden} below {low:.3g} not shown"
     median = float(np.median(everything))
     axis.axvline(median, color="black", linestyle="--", label=f"median {median:.3g}")
     axis.set_xlabel("confidence = - mean perplexity over checkpoints")
