@@ -200,39 +200,42 @@ class SFTMixTrainer(SFTTrainer):
         return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        mixing = self.mixing and model.training
-        ntp_weight, mixup_weight = self.args.loss_weights if mixing else (1.0, 0.0)
-        shifted = labels[:, 1:]
-        local_tokens = int((shifted != IGNORE_INDEX).sum())
-        # Like SFTTrainer: with num_items_in_batch the loss is a mean over every token of the
-        # accumulated (and, averaged across devices, global) batch; DDP then averages ranks.
-        ntp_denominator = local_tokens if num_items_in_batch is None else float(num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            ntp_denominator /= self.accelerator.num_processes
-        pair_index = lam = None
-        mixup_scale = 0.0
-        if mixing:
-            half = labels.size(0) // 2
-            rows = torch.arange(half, device=labels.device)
-            pair_index = torch.stack([rows, rows + half], dim=1)  # [P, 2]: sampler puts confident first
-            lam = sample_lambda(self.args.mixup_alpha, half, self.args.mixup_lambda_per).to(labels.device)
-            accumulation = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            mixed = count_mixed_positions(shifted, pair_index)
-            mixup_scale = mixup_weight / max(mixed, 1) / accumulation
-        request = SFTMixRequest(
-            labels=labels, pair_index=pair_index, lam=lam,
-            ntp_scale=ntp_weight / max(ntp_denominator, 1), mixup_scale=mixup_scale, fused=self.args.fused_loss,
-        )
         example_ids = inputs.pop("example_ids", None)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, sftmix=request)
-        self._log_terms(model.training, outputs, lam)
+        request = self._loss_request(inputs["labels"], model.training, num_items_in_batch)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, sftmix=request)
+        self._log_terms(model.training, outputs, request.lam)
         if self.online_nll is not None and example_ids is not None and model.training:
-            counts = (shifted != IGNORE_INDEX).sum(dim=1).tolist()
+            counts = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
             for example_id, nll, count in zip(example_ids, outputs.row_nll.tolist(), counts):
                 self.online_nll[example_id].append((self.state.epoch or 0.0, nll, count))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _loss_request(self, labels: torch.Tensor, training: bool, num_items_in_batch) -> SFTMixRequest:
+        """Pairs, lambdas and the two normalisers: per-token means over the whole optimisation step.
+
+        Like SFTTrainer, NTP divides by `num_items_in_batch` (tokens of every accumulated micro-batch,
+        and of every rank when averaged across devices; DDP then averages ranks). Mixup divides by this
+        micro-batch's mixed positions and the number of accumulated micro-batches.
+        """
+        mixing = self.mixing and training
+        ntp_weight, mixup_weight = self.args.loss_weights if mixing else (1.0, 0.0)
+        shifted = labels[:, 1:]
+        if num_items_in_batch is None:
+            ntp_denominator = float((shifted != IGNORE_INDEX).sum())
+        else:
+            ntp_denominator = float(num_items_in_batch)
+            if self.args.average_tokens_across_devices:
+                ntp_denominator /= self.accelerator.num_processes
+        request = SFTMixRequest(labels, None, None, ntp_weight / max(ntp_denominator, 1), 0.0, self.args.fused_loss)
+        if mixing:
+            half = labels.size(0) // 2
+            rows = torch.arange(half, device=labels.device)
+            request.pair_index = torch.stack([rows, rows + half], dim=1)  # [P, 2]: the sampler puts confident first
+            request.lam = sample_lambda(self.args.mixup_alpha, half, self.args.mixup_lambda_per).to(labels.device)
+            accumulation = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            mixed = count_mixed_positions(shifted, request.pair_index)
+            request.mixup_scale = mixup_weight / max(mixed, 1) / accumulation
+        return request
 
     def _log_terms(self, training: bool, outputs: SFTMixOutput, lam: torch.Tensor | None) -> None:
         mode = "train" if training else "eval"
