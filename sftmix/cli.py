@@ -76,12 +76,10 @@ def _run(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
-
     from .config import EvalConfig
     from .pipeline import evaluate
 
-    (config,) = HfArgumentParser(EvalConfig, prog="sftmix eval").parse_args_into_dataclasses(argv)
+    config = _parse(EvalConfig, "sftmix eval", argv)
     evaluate(config)
     print(f"Metrics: {config.output_dir}/metrics.json")
     return 0

@@ -1,5 +1,6 @@
 """The `sftmix` command as a user runs it: subprocesses, YAML config, accelerate launch."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -61,9 +62,18 @@ def test_sftmix_without_confidence_explains_next_step(tiny_model_dir, tiny_data,
     assert "needs --confidence_path" in result.stderr and "sftmix dynamics" in result.stderr
 
 
+def test_eval_command_with_yaml(tiny_model_dir, tiny_data, tmp_path):
+    (tmp_path / "eval.yaml").write_text(f"model: {tiny_model_dir}\ndataset: [{tiny_data[0]}]\nuse_cpu: true\n")
+    result = run(sftmix("eval", "--config", "eval.yaml", "--output_dir", "ev", "--max_length", "64"), cwd=tmp_path)
+    assert "Metrics: ev/metrics.json" in result.stdout
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["likelihood"]["data"]["num_examples"] == 16
+
+
 def test_help_lists_commands(tmp_path):
     result = run(sftmix("--help"), cwd=tmp_path, check=False)
-    assert "train" in result.stdout
+    for command in ("train", "dynamics", "run", "eval", "compare-splits"):
+        assert command in result.stdout
 
 
 def test_accelerate_two_processes(tiny_model_dir, tiny_data, tmp_path):
