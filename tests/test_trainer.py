@@ -168,3 +168,26 @@ def test_lora_output_loads_as_full_model(tiny_model_dir, tiny_data, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert (output_dir / "adapter" / "adapter_config.json").exists()
+
+
+def test_softcapped_head_falls_back_to_mixing_states():
+    """With a non-linearity after the head, mixing logits != mixing states: the reference path must run."""
+    from sftmix.trainer import SFTMixRequest, _loss_terms
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden = torch.randn(2, 7, 6)
+    labels = torch.randint(0, 11, (2, 7))
+    labels[:, :2] = -100
+    request = SFTMixRequest(labels, torch.tensor([[0, 1]]), torch.tensor([0.3]), 0.1, 0.5, fused=True)
+    softcap = 2.0
+    terms = _loss_terms(hidden, head, request, linear_head=False, softcap=softcap)
+
+    def capped(states):
+        return torch.tanh(head(states) / softcap) * softcap
+
+    expected = sftmix_loss_reference(hidden, labels, head.weight, request.pair_index, request.lam, 0.1, 0.5,
+                                     head=capped)
+    mixing_logits = sftmix_loss_reference(hidden, labels, head.weight, request.pair_index, request.lam, 0.1, 0.5)
+    torch.testing.assert_close(terms.total, expected.total)
+    assert abs(terms.total.item() - mixing_logits.total.item()) > 1e-3
