@@ -67,9 +67,9 @@ def _run(argv: list[str]) -> int:
     from .pipeline import run
 
     if not argv:  # the quick start: the shipped config, sized for a 2-core CPU
-        from importlib import resources
+        from pathlib import Path
 
-        argv = ["--config", str(resources.files("sftmix") / "quickstart.yaml")]
+        argv = ["--config", str(Path(__file__).with_name("quickstart.yaml"))]
     run_dir = run(_parse(RunConfig, "sftmix run", argv))
     print(f"Report: {run_dir / 'report.md'}  (numbers: {run_dir / 'metrics.json'})")
     return 0
