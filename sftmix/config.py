@@ -87,10 +87,12 @@ class SFTMixConfig(SFTConfig):
             raise ValueError(f"mixup_lambda_per must be 'pair' or 'batch', got {self.mixup_lambda_per!r}")
         if self.mixup_alpha <= 0:
             raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
-        if self.bf16 is None:
-            import torch
+        import torch
 
+        if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per epoch
         # SFTConfig checks loss_type against its own ("nll", "dft"); ours is read by SFTMixTrainer.
         sftmix_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()

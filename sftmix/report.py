@@ -118,12 +118,14 @@ def _number(value: Any, std: Any = None) -> str:
 def render(run_dir: Path, config, metrics: dict[str, Any]) -> str:
     variants = ["sftmix"] + ([] if config.no_baseline else ["ntp"])
     split = metrics["split"]
+    trained = split["confident"]["count"] + split["unconfident"]["count"]
     lines = [
         "# SFTMix vs NTP",
         "",
         f"Model `{config.model_name_or_path or 'SmolLM2-135M-Instruct (embedded)'}`, data "
         f"`{config.dataset_path or 'ShareGPT V3 (embedded)'}`: {metrics['data']['train']} training / "
-        f"{metrics['data']['heldout']} held-out examples; loss `{config.loss_type}` (mu = {config.mixup_weight}, "
+        f"{metrics['data']['heldout']} held-out records, {trained} training examples left after tokenisation "
+        f"(max_length {config.max_length}); loss `{config.loss_type}` (mu = {config.mixup_weight}, "
         f"alpha = {config.mixup_alpha}); seeds {', '.join(map(str, config.seeds))}. Every number below is read "
         "from `metrics.json`.",
         "",
