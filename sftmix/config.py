@@ -138,6 +138,8 @@ class _DynamicsFields:
             raise ValueError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
         if self.num_checkpoints < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+        if self.online and self.checkpoints:
+            raise ValueError("--online records NLL while training a reference model; it cannot use --checkpoints")
 
 
 @dataclass

@@ -65,9 +65,16 @@ class SaveOnlineNLL(TrainerCallback):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        records = gather_online_nll(self.trainer)  # a collective: every rank takes part
         if state.is_world_process_zero:
             directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_atomic(directory / self.FILE, json.dumps(gather_online_nll(self.trainer)))
+            write_atomic(directory / self.FILE, json.dumps(records))
+
+    @classmethod
+    def newest_complete(cls, output_dir: str) -> str | None:
+        """The newest checkpoint-N directory that holds its online NLL records."""
+        complete = [path for path in Path(output_dir).glob("checkpoint-*") if (path / cls.FILE).exists()]
+        return str(max(complete, key=lambda path: int(path.name.split("-")[1]))) if complete else None
 
     @classmethod
     def load(cls, checkpoint: str | None) -> dict[str, list]:

@@ -199,7 +199,10 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     checkpoint = resume_checkpoint(reference)
     if config.online:
         trainer.add_callback(dyn.SaveOnlineNLL(trainer))
-        trainer.online_nll.update(dyn.SaveOnlineNLL.load(checkpoint))
+        # A kill between a checkpoint and its NLL records: resume from the newest checkpoint that has them.
+        checkpoint = dyn.SaveOnlineNLL.newest_complete(reference.output_dir) if checkpoint else None
+        if trainer.is_world_process_zero():  # the saved records are already merged over ranks
+            trainer.online_nll.update(dyn.SaveOnlineNLL.load(checkpoint))
     trainer.train(resume_from_checkpoint=checkpoint)
     online = dyn.gather_online_nll(trainer) if config.online else None
     if not trainer.is_world_process_zero():

@@ -156,3 +156,19 @@ def test_online_dynamics_records_every_example_each_epoch(tiny_model_dir, tiny_d
     first_visit = [row["perplexities"][0] for row in rows]
     assert all(100 < value < 600 for value in first_visit)
     assert sum(row["group"] == "confident" for row in rows) == 8
+
+
+def test_online_dynamics_resume_after_kill(tiny_model_dir, tiny_data, tmp_path):
+    from test_trainer import CrashAfter
+
+    straight = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="straight", online=True))
+    config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="killed", online=True)
+    with pytest.raises(KeyboardInterrupt):
+        dynamics(config, callbacks=[CrashAfter(4)])  # killed after checkpoint-4, before its NLL records
+    reference = tmp_path / "killed" / "reference"
+    assert (reference / "checkpoint-4").exists() and not (reference / "checkpoint-4" / "online_nll.json").exists()
+    assert (reference / "checkpoint-2" / "online_nll.json").exists()
+    dynamics(config)  # resumes from checkpoint-2
+    assert (tmp_path / "killed" / "confidence.jsonl").read_text() == (straight / "confidence.jsonl").read_text()
+    with pytest.raises(ValueError, match="cannot use --checkpoints"):
+        dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], online=True, checkpoints=[str(tiny_model_dir)])
