@@ -153,7 +153,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | No
     """
     output_dir = Path(config.output_dir)
     prepared = prepare(config)
-    ids, fingerprint = prepared.dataset["id"], prepared.report.fingerprint
+    ids = prepared.dataset["id"]
     checkpoints, online_records = config.checkpoints, None
     if not checkpoints:
         checkpoints, online_records, is_main = _reference_run(config, prepared, callbacks)
@@ -168,13 +168,20 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | No
             for k, checkpoint in enumerate(checkpoints)
         ]
     rows = dyn.confidence_rows(ids, scores, config.split_ratio)
-    write_atomic(output_dir / "confidence.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    _write_dynamics_outputs(config, prepared, scores, rows)
+    return output_dir
+
+
+def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: list, rows: list[dict]) -> None:
+    """confidence.jsonl, dynamics.json (what produced it + distribution summary) and confidence.png."""
+    output_dir = Path(config.output_dir)
+    _write_jsonl(output_dir / "confidence.jsonl", rows)
     write_atomic(output_dir / "dynamics.json", json.dumps({
         "model": prepared.model_path,
         "tokenizer": getattr(prepared.tokenizer, "name_or_path", None),
         "checkpoints": [score.checkpoint for score in scores],
         "online": config.online,
-        "dataset": {"path": config.dataset_path or "embedded ShareGPT V3", "fingerprint": fingerprint,
+        "dataset": {"path": config.dataset_path or "embedded ShareGPT V3", "fingerprint": prepared.report.fingerprint,
                     "max_length": config.max_length, "max_examples": config.max_examples,
                     "report": vars(prepared.report) | {"dropped_no_supervised_tokens":
                                                         len(prepared.report.dropped_no_supervised_tokens)}},
@@ -182,7 +189,6 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | No
         "summary": dyn.summarise(rows),
     }, indent=2))
     dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
-    return output_dir
 
 
 def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None, bool]:
@@ -194,8 +200,8 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     if done.exists():
         finished = json.loads(done.read_text())
         return finished["checkpoints"], finished.get("online_nll"), True
-    trainer = build_trainer(reference, prepared, callbacks=[dyn.SaveEvenlySpaced(config.num_checkpoints),
-                                                            *(callbacks or [])], record_nll=config.online)
+    spacing = dyn.SaveEvenlySpaced(config.num_checkpoints)
+    trainer = build_trainer(reference, prepared, callbacks=[spacing, *(callbacks or [])], record_nll=config.online)
     checkpoint = resume_checkpoint(reference)
     if config.online:
         trainer.add_callback(dyn.SaveOnlineNLL(trainer))
@@ -207,17 +213,9 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     online = dyn.gather_online_nll(trainer) if config.online else None
     if not trainer.is_world_process_zero():
         return [], None, False
-    steps = sorted(_evenly_spaced_steps(trainer))
-    checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in steps]
+    checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in sorted(spacing.steps)]
     write_atomic(done, json.dumps({"checkpoints": checkpoints, "online_nll": online}))
     return checkpoints, online, True
-
-
-def _evenly_spaced_steps(trainer) -> set[int]:
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, dyn.SaveEvenlySpaced):
-            return callback.steps
-    raise RuntimeError("SaveEvenlySpaced callback missing")
 
 
 def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path):
