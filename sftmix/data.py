@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -317,11 +318,67 @@ def build_dataset(
     examples with no supervised token after truncation are dropped and counted.
     Confidence is joined on ids, so a repeated id gets a `#k` suffix (k = 2, 3, ...
     in file order, hence stable) and is counted.
+
+    The result is cached under $SFTMIX_CACHE/tokenized, keyed by the file's content, the
+    tokenizer (vocabulary, merges, chat template), max_length and max_examples, because
+    every stage of a run tokenises the same data (SFTMIX_NO_CACHE=1 turns this off).
     """
+    import datasets
+
+    source = path if path is not None else default_dataset_path()
+    cached = _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split)
+    if cached is not None and (cached / "report.json").exists():
+        report = DataReport(**json.loads((cached / "report.json").read_text()))
+        logger.info("Tokenised data from cache %s", cached)
+        return datasets.load_from_disk(str(cached / "dataset")), report
+    dataset, report = _tokenize_records(source, tokenizer, max_length, max_examples, split)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging."))
+        dataset.save_to_disk(str(staging / "dataset"))
+        (staging / "report.json").write_text(json.dumps(vars(report)))
+        if cached.exists():  # another process cached it first
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, cached)
+    return dataset, report
+
+
+TOKENIZATION_VERSION = 1  # part of the cache key: bump when tokenisation or filtering changes
+
+
+def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split) -> Path | None:
+    """Where this exact tokenisation is cached; None when it cannot be keyed (hub data, slow tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if os.environ.get("SFTMIX_NO_CACHE") == "1" or backend is None or not Path(str(source)).is_file():
+        return None
+    key = hashlib.sha256(json.dumps([
+        TOKENIZATION_VERSION, file_hash(source), split, max_length, max_examples,
+        type(tokenizer).__name__, tokenizer.chat_template,
+        hashlib.sha256(backend.to_str().encode()).hexdigest(),
+    ]).encode()).hexdigest()[:24]
+    return cache_root() / "tokenized" / key[:2] / key
+
+
+def cache_root() -> Path:
+    """$SFTMIX_CACHE, else ~/.cache/sftmix: the converted default model and tokenised datasets."""
+    return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _tokenize_records(source, tokenizer, max_length, max_examples, split):
     import datasets
     from tqdm.auto import tqdm
 
-    records, report = load_records(path if path is not None else default_dataset_path(), split)
+    records, report = load_records(source, split)
     if max_examples is not None and max_examples < len(records):
         records = records[:max_examples]
         report.source += f" (first {max_examples} records)"

@@ -10,20 +10,15 @@ safetensors; every later run loads that directory like any HF checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .data import packaged_file
+from .data import cache_root, packaged_file
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))
 
 
 def default_gguf_path() -> Path:
@@ -38,7 +33,7 @@ def resolve_model_path(name_or_path: str | None) -> str:
     """A loadable model id or directory; `None` means the embedded default, converted once."""
     if name_or_path is not None:
         return name_or_path
-    target = cache_dir() / DEFAULT_MODEL_NAME
+    target = cache_root() / DEFAULT_MODEL_NAME
     if not (target / "model.safetensors").exists():
         convert_gguf(default_gguf_path(), target)
     return str(target)

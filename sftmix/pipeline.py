@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import dynamics as dyn
 from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
-from .data import DataReport, build_dataset, read_confidence, write_atomic
+from .data import DataReport, build_dataset, file_hash, read_confidence, write_atomic
 from .model import load_model, load_tokenizer, resolve_model_path
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
 
@@ -388,16 +388,7 @@ def _config_key(config) -> dict:
 
 
 def _file_hash(path: str) -> str | None:
-    import hashlib
-
-    file = Path(path)
-    if not file.exists():
-        return None
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_hash(path) if Path(path).is_file() else None
 
 
 def _stage(directory: Path, key: dict, work) -> None:

@@ -63,6 +63,22 @@ def write_groups(path: Path, ids: list[str]) -> Path:
     return write_jsonl(path, rows)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tokenised-data and model caches go to a temporary folder, not the user's ~/.cache/sftmix.
+
+    Subprocesses inherit the variable. Slow tests that need the embedded model convert it once more.
+    """
+    import os
+
+    previous = os.environ.get("SFTMIX_CACHE")
+    if previous is None:  # a cache chosen by the caller (e.g. with the converted default model) is kept
+        os.environ["SFTMIX_CACHE"] = str(tmp_path_factory.mktemp("sftmix-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SFTMIX_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

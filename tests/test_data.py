@@ -169,3 +169,24 @@ def test_data_and_losses_do_not_import_trl():
 
     code = "import sys, sftmix.data, sftmix.losses; sys.exit('trl' in sys.modules or 'sftmix.cli' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_tokenised_data_is_cached_and_keyed(tmp_path, tokenizer, monkeypatch):
+    import sftmix.data as data_module
+
+    monkeypatch.setenv("SFTMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SFTMIX_NO_CACHE", raising=False)
+    rows = [{"id": "a", "instruction": "why", "output": "blue sky"}, {"id": "b", "instruction": "how", "output": "red"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    first, first_report = build_dataset(path, tokenizer, max_length=64)
+    calls = []
+    real = data_module.tokenize_conversation
+    monkeypatch.setattr(data_module, "tokenize_conversation", lambda *a: calls.append(1) or real(*a))
+    second, second_report = build_dataset(path, tokenizer, max_length=64)
+    assert calls == []  # served from the cache
+    assert second.to_dict() == first.to_dict() and vars(second_report) == vars(first_report)
+    build_dataset(path, tokenizer, max_length=32)  # another max_length: tokenised again
+    assert len(calls) == 2
+    write_jsonl(path, rows + [{"id": "c", "instruction": "what", "output": "green"}])
+    third, _ = build_dataset(path, tokenizer, max_length=64)  # the file changed: tokenised again
+    assert third["id"] == ["a", "b", "c"]
