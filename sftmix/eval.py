@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -18,16 +17,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .dynamics import score_model
-
-logger = logging.getLogger(__name__)
-
 
 # --------------------------------------------------------------------------- likelihood
 
@@ -184,7 +180,6 @@ class JudgeClient:
     timeout_s: float = 60.0
     max_retries: int = 3
     backoff_s: float = 1.0
-    failures: list[str] = field(default_factory=list)
 
     def verdict(self, instruction: str, answer_a: str, answer_b: str) -> str:
         """'A', 'B' or 'tie'; raises JudgeError after the retries."""
