@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run(args, cwd, check=True):
-    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+def run(args, cwd, check=True, timeout=600):
+    result = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -92,7 +92,7 @@ def test_embedded_default_ntp_five_steps(tmp_path):
     """SmolLM2-135M + ShareGPT from the pip packages; ~2 min on 2 CPU cores."""
     result = run(sftmix("train", "--loss_type", "ntp", "--max_steps", "5", "--max_examples", "200",
                         "--per_device_train_batch_size", "2", "--max_length", "256", "--output_dir", "out",
-                        "--save_strategy", "no"), cwd=tmp_path)
+                        "--save_strategy", "no"), cwd=tmp_path, timeout=3600)
     assert "ShareGPT" in result.stderr
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.hidden_size == 576
 
@@ -101,7 +101,7 @@ def test_embedded_default_ntp_five_steps(tmp_path):
 def test_embedded_default_dynamics_256_examples(tmp_path):
     """Issue check: `sftmix dynamics` on 256 ShareGPT examples finishes on CPU (~15 min on 2 cores)."""
     run(sftmix("dynamics", "--max_examples", "256", "--max_length", "512", "--gradient_checkpointing", "false",
-               "--output_dir", "dyn"), cwd=tmp_path)
+               "--output_dir", "dyn"), cwd=tmp_path, timeout=3600)
     rows = (tmp_path / "dyn" / "confidence.jsonl").read_text().splitlines()
     assert len(rows) > 100 and (tmp_path / "dyn" / "confidence.png").exists()
 
@@ -109,6 +109,6 @@ def test_embedded_default_dynamics_256_examples(tmp_path):
 @pytest.mark.slow
 def test_quickstart_run(tmp_path):
     """Issue check: `sftmix run` with no arguments on the embedded default (~15 min on 2 cores)."""
-    result = run(sftmix("run"), cwd=tmp_path)
+    result = run(sftmix("run"), cwd=tmp_path, timeout=3600)
     assert "Report: runs/quickstart/report.md" in result.stdout
     assert (tmp_path / "runs" / "quickstart" / "metrics.json").exists()
