@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -30,9 +31,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv[:1] or ["--help"])
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    command, rest = argv[0], argv[1:]
+    command, rest = argv[0], [arg for arg in argv[1:] if arg != "--debug"]
+    debug = "--debug" in argv or os.environ.get("SFTMIX_DEBUG") == "1"
     handlers = {"train": _train, "dynamics": _dynamics, "run": _run, "eval": _eval, "compare-splits": _compare_splits}
-    return handlers[command](rest)
+    from .errors import InputError
+
+    try:
+        return handlers[command](rest)
+    except InputError as err:
+        # The user can fix this: one message, no traceback (--debug or SFTMIX_DEBUG=1 shows it).
+        if debug:
+            raise
+        print(f"sftmix {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _parse(config_class, prog: str, argv: list[str]):
@@ -86,13 +97,14 @@ def _eval(argv: list[str]) -> int:
 
 
 def _compare_splits(argv: list[str]) -> int:
-    from .dynamics import read_rows, split_agreement
+    from .dynamics import split_agreement
+    from .files import read_jsonl
 
     parser = argparse.ArgumentParser(prog="sftmix compare-splits")
     parser.add_argument("first")
     parser.add_argument("second")
     args = parser.parse_args(argv)
-    agreement = split_agreement(read_rows(args.first), read_rows(args.second))
+    agreement = split_agreement(read_jsonl(args.first), read_jsonl(args.second))
     print(f"split agreement: {agreement:.4f} of shared examples in the same group")
     return 0
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from .errors import InputError
+
 LOSS_TYPES = ("sftmix", "ntp", "equal", "mixup_only")
 
 # (ntp weight, mixup weight) per loss type; mu comes from `mixup_weight`.
@@ -82,11 +84,11 @@ class SFTMixConfig(SFTConfig):
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+            raise InputError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.mixup_lambda_per not in ("pair", "batch"):
-            raise ValueError(f"mixup_lambda_per must be 'pair' or 'batch', got {self.mixup_lambda_per!r}")
+            raise InputError(f"mixup_lambda_per must be 'pair' or 'batch', got {self.mixup_lambda_per!r}")
         if self.mixup_alpha <= 0:
-            raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+            raise InputError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
         import torch
 
         if self.bf16 is None:
@@ -98,7 +100,7 @@ class SFTMixConfig(SFTConfig):
         super().__post_init__()
         self.loss_type = sftmix_loss_type
         if self.loss_type != "ntp" and self.per_device_train_batch_size % 2:
-            raise ValueError(
+            raise InputError(
                 f"per_device_train_batch_size must be even for balanced confident/unconfident batches, got "
                 f"{self.per_device_train_batch_size}"
             )
@@ -135,11 +137,11 @@ class _DynamicsFields:
 
     def _check_dynamics_fields(self) -> None:
         if not 0 < self.split_ratio < 1:
-            raise ValueError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
+            raise InputError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
         if self.num_checkpoints < 1:
-            raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+            raise InputError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
         if self.online and self.checkpoints:
-            raise ValueError("--online records NLL while training a reference model; it cannot use --checkpoints")
+            raise InputError("--online records NLL while training a reference model; it cannot use --checkpoints")
 
 
 @dataclass
@@ -194,7 +196,7 @@ class RunConfig(_DynamicsFields, SFTMixConfig):
         super().__post_init__()
         self._check_dynamics_fields()
         if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+            raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
 
 @dataclass

@@ -28,6 +28,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
+from .files import cache_root, file_hash
+
 logger = logging.getLogger(__name__)
 
 ROLE_ALIASES = {
@@ -38,7 +41,7 @@ ROLE_ALIASES = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A malformed input row. The message names the file, the line or index, and what is wrong."""
 
 
@@ -360,18 +363,6 @@ def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split) -> 
     return cache_root() / "tokenized" / key[:2] / key
 
 
-def cache_root() -> Path:
-    """$SFTMIX_CACHE, else ~/.cache/sftmix: the converted default model and tokenised datasets."""
-    return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))
-
-
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes (first 16 hex digits)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _tokenize_records(source, tokenizer, max_length, max_examples, split):
@@ -431,17 +422,3 @@ def read_confidence(path: str | Path) -> dict[str, str]:
             raise DataError(f"{record.where}: duplicate id {identifier!r}")
         groups[str(identifier)] = group
     return groups
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise

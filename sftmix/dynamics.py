@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .data import write_atomic
+from .files import write_atomic
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
 
@@ -273,7 +273,3 @@ def split_agreement(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) 
     if not shared:
         raise ValueError("the two confidence files share no id")
     return sum(groups_a[row["id"]] == row["group"] for row in shared) / len(shared)
-
-
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

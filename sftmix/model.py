@@ -14,7 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .data import cache_root, packaged_file
+from .data import packaged_file
+from .files import cache_root
 
 logger = logging.getLogger(__name__)
 

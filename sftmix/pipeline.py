@@ -22,7 +22,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import dynamics as dyn
 from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
-from .data import DataReport, build_dataset, file_hash, read_confidence, write_atomic
+from .data import DataReport, build_dataset, read_confidence
+from .files import file_hash, write_atomic, write_jsonl
 from .model import load_model, load_tokenizer, resolve_model_path
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
 
@@ -175,7 +176,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | No
 def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: list, rows: list[dict]) -> None:
     """confidence.jsonl, dynamics.json (what produced it + distribution summary) and confidence.png."""
     output_dir = Path(config.output_dir)
-    _write_jsonl(output_dir / "confidence.jsonl", rows)
+    write_jsonl(output_dir / "confidence.jsonl", rows)
     write_atomic(output_dir / "dynamics.json", json.dumps({
         "model": prepared.model_path,
         "tokenizer": getattr(prepared.tokenizer, "name_or_path", None),
@@ -249,7 +250,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         dataset, _ = build_dataset(path, tokenizer, config.max_length, config.max_examples)
         result = ev.response_perplexity(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
                                         desc=f"NLL {Path(path).stem}")
-        _write_jsonl(output_dir / f"nll-{Path(path).stem}.jsonl", result.pop("per_example"))
+        write_jsonl(output_dir / f"nll-{Path(path).stem}.jsonl", result.pop("per_example"))
         metrics["likelihood"][Path(path).stem] = result
     if config.prompts:
         metrics["generation"] = _generate(config, model, tokenizer, output_dir)
@@ -273,12 +274,9 @@ def _generate(config: EvalConfig, model, tokenizer, output_dir: Path) -> dict[st
     write_atomic(output_dir / "model_outputs.json",
                  json.dumps(ev.alpaca_eval_outputs(prompts, answers, generator), indent=2))
     if any(len(p["turns"]) > 1 for p in prompts):
-        _write_jsonl(output_dir / "mt_bench_answers.jsonl", ev.mt_bench_answers(prompts, answers, generator))
+        write_jsonl(output_dir / "mt_bench_answers.jsonl", ev.mt_bench_answers(prompts, answers, generator))
     return {"prompts": len(prompts), "mean_answer_words": sum(len(a[0].split()) for a in answers) / len(answers)}
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 # --------------------------------------------------------------------------- run

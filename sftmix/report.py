@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .data import write_atomic
+from .files import write_atomic
 
 
 def judge_stage(config, run_dir: Path) -> None:
