@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         # The user can fix this: one message, no traceback (--debug or SFTMIX_DEBUG=1 shows it).
         if debug:
             raise
-        print(f"sftmix {command}: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: another rank printed the same message
+            print(f"sftmix {command}: error: {err}", file=sys.stderr)
         return 2
 
 
