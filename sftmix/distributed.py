@@ -7,17 +7,23 @@ exit non-zero together (the launcher ends the others when one rank dies elsewher
 
     world_size(), rank(), is_main()
     on_main(fn, ...)   rank 0 runs fn; every rank returns its result or raises its error
+    main_first(fn, ...)  rank 0 runs fn, then the others (a cache rank 0 fills, the others read)
     barrier()
     gather(obj)        every rank's obj, in rank order, on every rank
+    sum_over_ranks(v)  element-wise sum of every rank's numbers
     shard(count)       the indices of `range(count)` this rank handles (strided)
+    device(use_cpu)    this rank's device (its own GPU under a launcher)
+    full_state_dict()  the whole model's weights on rank 0, whatever shards them (FSDP2, ZeRO-3)
+    unpartitioned_loading()   load a whole model on this rank even inside a ZeRO-3 job
 
 One process (no launcher) is the trivial case: nothing is initialised, nothing waits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .errors import InputError
@@ -64,6 +70,17 @@ def gather(obj: Any) -> list[Any]:
     return gathered
 
 
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    """Element-wise sum of every rank's `values` (a collective; `device` must suit the backend: NCCL needs CUDA)."""
+    if world_size() == 1:
+        return [float(value) for value in values]
+    import torch
+
+    tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=device)
+    _process_group().all_reduce(tensor)
+    return tensor.tolist()
+
+
 def broadcast(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if world_size() == 1:
@@ -107,6 +124,69 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return value
 
 
+def main_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Rank 0 runs `fn` first (filling a cache, converting a model), then the other ranks run it too."""
+    result: list[T] = []
+    on_main(lambda: result.append(fn(*args, **kwargs)))
+    return result[0] if result else fn(*args, **kwargs)
+
+
 def shard(count: int) -> range:
     """This rank's indices of `range(count)`: every world_size-th, starting at its rank."""
     return range(rank(), count, world_size())
+
+
+def device(use_cpu: bool = False):
+    """This rank's device: its own GPU (LOCAL_RANK) when there is one, else the CPU."""
+    import torch
+
+    if use_cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def full_state_dict(wrapped_model, model) -> dict | None:
+    """The complete state dict on rank 0 ({} elsewhere) for engines that shard weights; None otherwise.
+
+    A collective: every rank must call it. FSDP2 shards parameters as DTensors, and its default
+    (sharded) state dict is not loadable by `from_pretrained`; ZeRO-3 partitions them, and without
+    `stage3_gather_16bit_weights_on_model_save` accelerate saves no weights at all. Gathering here,
+    whatever the user's accelerate config says, is what makes every saved folder loadable.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _zero_stage(wrapped_model) == 3:
+        trainable_only = any(not parameter.requires_grad for parameter in model.parameters())  # LoRA: adapter only
+        return wrapped_model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+    return None
+
+
+def _zero_stage(wrapped_model) -> int | None:
+    """The ZeRO stage of a DeepSpeedEngine, None for anything else."""
+    stage = getattr(wrapped_model, "zero_optimization_stage", None)
+    return stage() if callable(stage) else None
+
+
+@contextlib.contextmanager
+def unpartitioned_loading() -> Iterator[None]:
+    """Let `from_pretrained` load a whole model on this rank even when a ZeRO-3 config is active.
+
+    Inside a ZeRO-3 job, transformers partitions every model it loads across the ranks
+    (`deepspeed.zero.Init`), which needs every rank to take part and yields weights no plain
+    forward can use. Scoring and evaluation give each rank a whole copy instead.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers without the integration
+        yield
+        return
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = reference

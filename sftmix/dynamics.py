@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from . import distributed
 from .files import write_atomic
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
@@ -66,9 +67,8 @@ class SaveOnlineNLL(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         records = gather_online_nll(self.trainer)  # a collective: every rank takes part
-        if state.is_world_process_zero:
-            directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_atomic(directory / self.FILE, json.dumps(records))
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        distributed.on_main(write_atomic, directory / self.FILE, json.dumps(records))
 
     @classmethod
     def newest_complete(cls, output_dir: str) -> str | None:
@@ -83,32 +83,46 @@ class SaveOnlineNLL(TrainerCallback):
 
 
 def gather_online_nll(trainer) -> dict[str, list]:
-    """Merge every process's online NLL records (each rank saw different examples)."""
-    from accelerate.utils import gather_object
+    """Every process's online NLL records, merged by example id (each rank saw different examples).
 
-    local = [(example_id, records) for example_id, records in trainer.online_nll.items()]
-    merged: dict[str, list] = {}
-    items = gather_object(local) if trainer.accelerator.num_processes > 1 else local
-    for example_id, records in items:
-        merged.setdefault(example_id, []).extend(records)
-    return merged
+    After a resume every rank holds the records saved with the checkpoint: duplicates are dropped.
+    """
+    merged: dict[str, set] = {}
+    for records_of_rank in distributed.gather(dict(trainer.online_nll)):
+        for example_id, records in records_of_rank.items():
+            merged.setdefault(example_id, set()).update(tuple(record) for record in records)
+    return {example_id: sorted(list(record) for record in records) for example_id, records in merged.items()}
 
 
 def online_scores(records: dict[str, list], ids: list[str]) -> list[CheckpointScores]:
-    """One score set per epoch seen: epoch e holds each example's NLL from its e-th visit."""
+    """One score set per epoch: epoch e holds each example's NLL from its visit in epoch e.
+
+    A record is (epoch, step, NLL sum, response tokens). Records arrive in rank order, and
+    multi-process data loaders repeat a few examples to even out the last batch, so each
+    example's visit in an epoch is its record with the earliest step in that epoch.
+    """
     missing = [example_id for example_id in ids if not records.get(example_id)]
     if missing:
         raise ValueError(f"online dynamics: {len(missing)} examples were never trained on (e.g. {missing[:3]}); "
                          "use at least one full epoch")
-    visits = min(len(records[example_id]) for example_id in ids)
+    visits = {example_id: _first_visit_per_epoch(records[example_id]) for example_id in ids}
+    epochs = min(len(per_epoch) for per_epoch in visits.values())
     return [
         CheckpointScores(
             checkpoint=f"online-visit-{visit + 1}",
-            nll_sum=[records[example_id][visit][1] for example_id in ids],
-            num_tokens=[records[example_id][visit][2] for example_id in ids],
+            nll_sum=[visits[example_id][visit][2] for example_id in ids],
+            num_tokens=[visits[example_id][visit][3] for example_id in ids],
         )
-        for visit in range(visits)
+        for visit in range(epochs)
     ]
+
+
+def _first_visit_per_epoch(records: list) -> list:
+    """The earliest-step record of each epoch, in epoch order."""
+    first: dict[int, list] = {}
+    for record in sorted(records, key=lambda record: (record[0], record[1])):
+        first.setdefault(int(record[0]), list(record))
+    return [first[epoch] for epoch in sorted(first)]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -145,21 +159,40 @@ def pad_batch(dataset, indices: list[int], pad_id: int, device) -> dict[str, tor
 
 @torch.inference_mode()
 def score_model(model, dataset, max_tokens: int, pad_id: int, desc: str = "Scoring") -> tuple[list, list]:
-    """Response NLL sum and token count of each example (dataset order). -> (nll_sum [N], num_tokens [N])"""
+    """Response NLL sum and token count of each example (dataset order). -> (nll_sum [N], num_tokens [N])
+
+    Under a launcher each rank scores its share of the length-sorted batches and every rank
+    gets all results, gathered by example index: N processes score about N times faster.
+    """
     model.eval()
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in dataset["input_ids"]]
-    nll_sum, num_tokens = [0.0] * len(lengths), [0] * len(lengths)
+    batches = length_batches(lengths, max_tokens)
+    mine = assign_batches(batches, lengths, distributed.world_size())[distributed.rank()]
     linear = head_is_linear(model)
-    progress = tqdm(total=sum(lengths), desc=desc, unit="tok", unit_scale=True, mininterval=2)
-    for indices in length_batches(lengths, max_tokens):
-        batch = pad_batch(dataset, indices, pad_id, device)
-        sums, counts = _batch_nll(model, batch, linear)
-        for position, index in enumerate(indices):
-            nll_sum[index], num_tokens[index] = float(sums[position]), int(counts[position])
+    progress = tqdm(total=sum(lengths[i] for batch in mine for i in batch), desc=desc, unit="tok", unit_scale=True,
+                    mininterval=2, disable=not distributed.is_main())
+    scored: list[tuple[int, float, int]] = []
+    for indices in mine:
+        sums, counts = _batch_nll(model, pad_batch(dataset, indices, pad_id, device), linear)
+        scored += [(index, float(sums[k]), int(counts[k])) for k, index in enumerate(indices)]
         progress.update(sum(lengths[index] for index in indices))
     progress.close()
+    nll_sum, num_tokens = [0.0] * len(lengths), [0] * len(lengths)
+    for index, nll, count in (item for share in distributed.gather(scored) for item in share):
+        nll_sum[index], num_tokens[index] = nll, count
     return nll_sum, num_tokens
+
+
+def assign_batches(batches: list[list[int]], lengths: list[int], ranks: int) -> list[list[list[int]]]:
+    """Deal the batches out so every rank gets about the same number of padded tokens (deterministic)."""
+    shares: list[list[list[int]]] = [[] for _ in range(ranks)]
+    load = [0] * ranks
+    for batch in batches:  # longest first: each goes to the least loaded rank, lowest rank on ties
+        rank = min(range(ranks), key=lambda candidate: (load[candidate], candidate))
+        shares[rank].append(batch)
+        load[rank] += len(batch) * max(lengths[index] for index in batch)
+    return shares
 
 
 def _batch_nll(model, batch: dict[str, torch.Tensor], linear_head: bool):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .dynamics import score_model
 
 # --------------------------------------------------------------------------- likelihood
@@ -62,11 +63,13 @@ def generate_answers(
     """
     model.eval()
     device = next(model.parameters()).device
-    answers: list[list[str]] = [[] for _ in conversations]
+    mine = list(distributed.shard(len(conversations)))  # under a launcher each rank answers its share
+    answers: dict[int, list[str]] = {index: [] for index in mine}
     num_turns = max(len(turns) for turns in conversations)
-    progress = tqdm(total=sum(len(turns) for turns in conversations), desc=desc, unit="answer")
+    progress = tqdm(total=sum(len(conversations[index]) for index in mine), desc=desc, unit="answer",
+                    disable=not distributed.is_main())
     for turn in range(num_turns):
-        pending = [index for index, turns in enumerate(conversations) if len(turns) > turn]
+        pending = [index for index in mine if len(conversations[index]) > turn]
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             prompts = [_chat_prompt(tokenizer, conversations[index][: turn + 1], answers[index]) for index in chunk]
@@ -74,7 +77,8 @@ def generate_answers(
                 answers[index].append(text)
             progress.update(len(chunk))
     progress.close()
-    return answers
+    everyone = {index: texts for share in distributed.gather(answers) for index, texts in share.items()}
+    return [everyone[index] for index in range(len(conversations))]
 
 
 def _chat_prompt(tokenizer, user_turns: list[str], previous_answers: list[str]) -> str:

@@ -24,9 +24,10 @@ row) per pair and `lam` [P] its mixing coefficient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,19 +84,20 @@ def mixed_positions(shifted_labels: torch.Tensor, pair_index: torch.Tensor, lam:
     )
 
 
-def sample_lambda(alpha: float, num_pairs: int, per: str = "pair") -> torch.Tensor:
-    """lam ~ Beta(alpha, alpha): one per pair, or one shared by the batch (`per="batch"`). -> [P]
+def sample_lambda(alpha: float, num_pairs: int, per: str = "pair", seed: Sequence[int] = (0,)) -> torch.Tensor:
+    """lam ~ Beta(alpha, alpha): one per pair, or one shared by all pairs (`per="batch"`). -> [P] float32
 
-    Draws from torch's global RNG, which Trainer seeds and checkpoints, so resumed
-    runs draw the same lambdas.
+    Drawn from a generator seeded by `seed` alone, never from global state: every process
+    that passes the same seed draws the same values (so ranks can take their slice of
+    one global draw), and a resumed run draws what the uninterrupted run drew.
     """
     if per not in ("pair", "batch"):
         raise ValueError(f"mixup_lambda_per must be 'pair' or 'batch', got {per!r}")
-    concentration = torch.tensor(float(alpha))
-    beta = torch.distributions.Beta(concentration, concentration)
+    generator = np.random.default_rng([int(part) for part in seed])
+    draws = generator.beta(alpha, alpha, size=1 if per == "batch" else num_pairs)
     if per == "batch":
-        return beta.sample((1,)).expand(num_pairs).clone()
-    return beta.sample((num_pairs,))
+        draws = np.repeat(draws, num_pairs)
+    return torch.from_numpy(draws).float()
 
 
 # --------------------------------------------------------------------------- reference

@@ -100,3 +100,42 @@ def head_is_linear(model) -> bool:
         and getattr(text_config, "logit_scale", None) in (None, 1.0)
         and getattr(head, "bias", None) is None
     )
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, output_dir: Path, trust_remote_code: bool = False) -> None:
+    """Base weights + saved LoRA adapter -> one plain model in `output_dir` (float32, on the CPU).
+
+    Merged from the files, not from the live model: under FSDP2 or ZeRO-3 the live weights are
+    shards, and merging shards writes empty tensors.
+    """
+    from peft import PeftModel
+
+    base = load_model(base_path, trust_remote_code, dtype="float32")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(output_dir, safe_serialization=True)
+
+
+def check_loadable(model_dir: Path) -> None:
+    """Refuse to call a model folder done unless `from_pretrained` would load every weight of it.
+
+    Reads the config and the safetensors headers only (no weights): every parameter the
+    architecture expects must be stored with its full shape. Raises RuntimeError otherwise.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(config).state_dict()
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            stored.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()
+    missing = [name for name in expected if name not in stored and name not in tied]
+    wrong = [name for name in expected if name in stored and stored[name] != tuple(expected[name].shape)]
+    if missing or wrong:
+        problem = f"{len(missing)} weights missing (e.g. {missing[:2]})" if missing else ""
+        problem += f"{'; ' if problem else ''}{len(wrong)} with the wrong shape (e.g. {wrong[:2]})" if wrong else ""
+        raise RuntimeError(f"{model_dir}: the saved model is incomplete: {problem}")

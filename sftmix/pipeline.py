@@ -11,20 +11,22 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import distributed
 from . import dynamics as dyn
 from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from .data import DataReport, build_dataset, read_confidence
 from .files import file_hash, write_atomic, write_jsonl
-from .model import load_model, load_tokenizer, resolve_model_path
+from .model import check_loadable, load_model, load_tokenizer, merge_adapter, resolve_model_path
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -41,10 +43,11 @@ class Prepared:
 
 
 def prepare(config: SFTMixConfig) -> Prepared:
-    model_path = resolve_model_path(config.model_name_or_path)
+    # Rank 0 converts the default model and fills the tokenisation cache; the other ranks then read them.
+    model_path = distributed.main_first(resolve_model_path, config.model_name_or_path)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code)
-    dataset, report = build_dataset(
-        config.dataset_path, tokenizer, config.max_length, config.max_examples, config.dataset_split
+    dataset, report = distributed.main_first(
+        build_dataset, config.dataset_path, tokenizer, config.max_length, config.max_examples, config.dataset_split
     )
     logger.warning("Data: %s", report.summary())
     return Prepared(model_path, tokenizer, dataset, report)
@@ -96,10 +99,10 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume_checkpoint(config))
     output_dir = Path(config.output_dir)
-    _save(trainer, config, output_dir)
+    _save(trainer, config, output_dir, prepared.model_path)
     trainer.save_state()  # trainer_state.json: the loss curves of the report
-    if trainer.is_world_process_zero():
-        write_atomic(output_dir / "data_report.json", json.dumps(vars(prepared.report), indent=2, default=str))
+    distributed.on_main(write_atomic, output_dir / "data_report.json",
+                        json.dumps(vars(prepared.report), indent=2, default=str))
     return output_dir
 
 
@@ -128,38 +131,36 @@ def _lora_config(config: SFTMixConfig):
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
 
 
-def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path) -> None:
-    """Full weights (LoRA merged in) so that `AutoModelForCausalLM.from_pretrained(output_dir)` just works."""
+def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path, base_model_path: str) -> None:
+    """Full weights (LoRA merged in) that `AutoModelForCausalLM.from_pretrained(output_dir)` loads, checked."""
     if config.use_peft:
-        trainer.save_model(str(output_dir / "adapter"))
-        if trainer.is_world_process_zero():
-            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-            merged.save_pretrained(output_dir, safe_serialization=True)
-            trainer.processing_class.save_pretrained(output_dir)
+        trainer.save_model(str(output_dir / "adapter"))  # every rank: gathers the adapter under sharded engines
+        distributed.on_main(merge_adapter, base_model_path, output_dir / "adapter", output_dir,
+                            config.trust_remote_code)
+        distributed.on_main(trainer.processing_class.save_pretrained, str(output_dir))
     else:
         trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
-        write_model_card(output_dir, config)
+    distributed.on_main(check_loadable, output_dir)
+    distributed.on_main(write_model_card, output_dir, config)
 
 
 # --------------------------------------------------------------------------- dynamics
 
 
-def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | None:
+def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     """Write confidence.jsonl, dynamics.json and confidence.png to `config.output_dir`.
 
     Every finished piece is on disk (reference checkpoints, one scores file per
     checkpoint), so re-running the same command after a kill resumes where it stopped.
-    Returns None on the non-main processes of a multi-process reference run.
+    Under a launcher every rank trains, every rank scores its share of the examples at
+    each checkpoint, and rank 0 writes the files.
     """
     output_dir = Path(config.output_dir)
     prepared = prepare(config)
     ids = prepared.dataset["id"]
     checkpoints, online_records = config.checkpoints, None
     if not checkpoints:
-        checkpoints, online_records, is_main = _reference_run(config, prepared, callbacks)
-        if not is_main:
-            return None
+        checkpoints, online_records = _reference_run(config, prepared, callbacks)
     if config.online:
         scores = dyn.online_scores(online_records, ids)
     else:
@@ -169,7 +170,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path | No
             for k, checkpoint in enumerate(checkpoints)
         ]
     rows = dyn.confidence_rows(ids, scores, config.split_ratio)
-    _write_dynamics_outputs(config, prepared, scores, rows)
+    distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows)
     return output_dir
 
 
@@ -187,50 +188,51 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
                     "report": vars(prepared.report) | {"dropped_no_supervised_tokens":
                                                         len(prepared.report.dropped_no_supervised_tokens)}},
         "split_ratio": config.split_ratio,
+        "processes": distributed.world_size(),
         "summary": dyn.summarise(rows),
     }, indent=2))
     dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
 
 
-def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None, bool]:
+def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None]:
     """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done)."""
     reference = copy.deepcopy(config)
     reference.output_dir = str(Path(config.output_dir) / "reference")
     reference.save_total_limit = None  # all C checkpoints are scored
     done = Path(reference.output_dir) / "reference.json"
-    if done.exists():
-        finished = json.loads(done.read_text())
-        return finished["checkpoints"], finished.get("online_nll"), True
+    finished = distributed.on_main(lambda: json.loads(done.read_text()) if done.exists() else None)
+    if finished is not None:
+        return finished["checkpoints"], finished.get("online_nll")
     spacing = dyn.SaveEvenlySpaced(config.num_checkpoints)
     trainer = build_trainer(reference, prepared, callbacks=[spacing, *(callbacks or [])], record_nll=config.online)
-    checkpoint = resume_checkpoint(reference)
+    checkpoint = distributed.on_main(resume_checkpoint, reference)
     if config.online:
         trainer.add_callback(dyn.SaveOnlineNLL(trainer))
         # A kill between a checkpoint and its NLL records: resume from the newest checkpoint that has them.
-        checkpoint = dyn.SaveOnlineNLL.newest_complete(reference.output_dir) if checkpoint else None
-        if trainer.is_world_process_zero():  # the saved records are already merged over ranks
-            trainer.online_nll.update(dyn.SaveOnlineNLL.load(checkpoint))
+        if checkpoint:
+            checkpoint = distributed.on_main(dyn.SaveOnlineNLL.newest_complete, reference.output_dir)
+        trainer.online_nll.update(distributed.on_main(dyn.SaveOnlineNLL.load, checkpoint))
     trainer.train(resume_from_checkpoint=checkpoint)
     online = dyn.gather_online_nll(trainer) if config.online else None
-    if not trainer.is_world_process_zero():
-        return [], None, False
     checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in sorted(spacing.steps)]
-    write_atomic(done, json.dumps({"checkpoints": checkpoints, "online_nll": online}))
-    return checkpoints, online, True
+    trainer.accelerator.free_memory()  # the scoring passes load each checkpoint afresh
+    distributed.on_main(write_atomic, done, json.dumps({"checkpoints": checkpoints, "online_nll": online}))
+    return checkpoints, online
 
 
 def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path):
-    saved = dyn.load_scores(path, prepared.report.fingerprint)
+    """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole."""
+    saved = distributed.on_main(dyn.load_scores, path, prepared.report.fingerprint)
     if saved is not None:
         return saved
-    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
-    model = load_model(checkpoint, config.trust_remote_code).to(device)
+    with distributed.unpartitioned_loading():
+        model = load_model(checkpoint, config.trust_remote_code).to(distributed.device(config.use_cpu))
     nll_sum, num_tokens = dyn.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
         desc=f"Scoring {Path(checkpoint).name}",
     )
     scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens)
-    dyn.save_scores(path, scores, prepared.report.fingerprint)
+    distributed.on_main(dyn.save_scores, path, scores, prepared.report.fingerprint)
     return scores
 
 
@@ -238,32 +240,35 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
 
 
 def evaluate(config: EvalConfig) -> dict[str, Any]:
-    """Score, generate and diagnose one model; writes metrics.json (+ outputs) to `config.output_dir`."""
+    """Score, generate and diagnose one model; writes metrics.json (+ outputs) to `config.output_dir`.
+
+    Under a launcher every rank scores and answers its share; rank 0 writes the files.
+    """
     from . import eval as ev
 
-    output_dir = Path(config.output_dir)
-    device = "cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu"
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    model = load_model(config.model, config.trust_remote_code).to(device)
+    with distributed.unpartitioned_loading():  # every rank holds a whole model
+        model = load_model(config.model, config.trust_remote_code).to(distributed.device(config.use_cpu))
     metrics: dict[str, Any] = {"model": config.model, "likelihood": {}}
+    files: dict[str, Any] = {}  # file name -> rows, written by rank 0 at the end
     for path in config.dataset or []:
-        dataset, _ = build_dataset(path, tokenizer, config.max_length, config.max_examples)
+        dataset, _ = distributed.main_first(build_dataset, path, tokenizer, config.max_length, config.max_examples)
         result = ev.response_perplexity(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
                                         desc=f"NLL {Path(path).stem}")
-        write_jsonl(output_dir / f"nll-{Path(path).stem}.jsonl", result.pop("per_example"))
+        files[f"nll-{Path(path).stem}.jsonl"] = result.pop("per_example")
         metrics["likelihood"][Path(path).stem] = result
     if config.prompts:
-        metrics["generation"] = _generate(config, model, tokenizer, output_dir)
+        metrics["generation"] = _generate(config, model, tokenizer, files)
     if config.confidence_dataset:
-        dataset, _ = build_dataset(config.confidence_dataset, tokenizer, config.max_length,
-                                   config.confidence_max_examples)
+        dataset, _ = distributed.main_first(build_dataset, config.confidence_dataset, tokenizer, config.max_length,
+                                            config.confidence_max_examples)
         metrics["confidence"] = ev.confidence_spread(model, dataset, tokenizer.pad_token_id,
                                                      config.scoring_batch_tokens)
-    write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    distributed.on_main(_write_eval_outputs, Path(config.output_dir), metrics, files)
     return metrics
 
 
-def _generate(config: EvalConfig, model, tokenizer, output_dir: Path) -> dict[str, Any]:
+def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
     """Answers in AlpacaEval format, and in MT-Bench format when a prompt has several turns."""
     from . import eval as ev
 
@@ -271,12 +276,19 @@ def _generate(config: EvalConfig, model, tokenizer, output_dir: Path) -> dict[st
     answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,
                                   config.batch_size)
     generator = config.generator or Path(config.model).name
-    write_atomic(output_dir / "model_outputs.json",
-                 json.dumps(ev.alpaca_eval_outputs(prompts, answers, generator), indent=2))
+    files["model_outputs.json"] = ev.alpaca_eval_outputs(prompts, answers, generator)
     if any(len(p["turns"]) > 1 for p in prompts):
-        write_jsonl(output_dir / "mt_bench_answers.jsonl", ev.mt_bench_answers(prompts, answers, generator))
+        files["mt_bench_answers.jsonl"] = ev.mt_bench_answers(prompts, answers, generator)
     return {"prompts": len(prompts), "mean_answer_words": sum(len(a[0].split()) for a in answers) / len(answers)}
 
+
+def _write_eval_outputs(output_dir: Path, metrics: dict[str, Any], files: dict[str, Any]) -> None:
+    for name, rows in files.items():
+        if name.endswith(".jsonl"):
+            write_jsonl(output_dir / name, rows)
+        else:
+            write_atomic(output_dir / name, json.dumps(rows, indent=2))
+    write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
 
 
 # --------------------------------------------------------------------------- run
@@ -293,7 +305,7 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     _stage(data_dir, {"dataset": source, "content": _file_hash(source) if source else "embedded",
                       "max_examples": config.max_examples, "eval_fraction": config.eval_fraction,
                       "seed": config.seeds[0]},
-           lambda: split_heldout(config, data_dir))
+           lambda: distributed.on_main(split_heldout, config, data_dir))
     train_path = str(data_dir / "train.jsonl")
     dyn_config = _stage_config(DynamicsConfig, config, output_dir=str(run_dir / "dynamics"),
                                num_train_epochs=config.dynamics_epochs, seed=config.seeds[0],
@@ -309,8 +321,8 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
         answers = [run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json" for s in config.seeds for v in variants]
         _stage(run_dir / "judge", {"url": config.judge_base_url, "model": config.judge_model,
                                    "answers": [_file_hash(str(path)) for path in answers]},
-               lambda: report.judge_stage(config, run_dir))
-    report.write_report(run_dir, config)
+               lambda: distributed.on_main(report.judge_stage, config, run_dir))
+    distributed.on_main(report.write_report, run_dir, config)
     return run_dir
 
 
@@ -347,8 +359,6 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path) -> None:
 
 def split_heldout(config: RunConfig, data_dir: Path) -> None:
     """Write data/train.jsonl and data/heldout.jsonl: a deterministic split by hashed example id."""
-    import hashlib
-
     from .data import default_dataset_path, example_id, load_records, to_messages
 
     records, report = load_records(config.dataset_path or default_dataset_path(), config.dataset_split)
@@ -393,20 +403,30 @@ def _stage(directory: Path, key: dict, work) -> None:
     """Run `work` unless `directory` holds a finished stage with the same key.
 
     A folder left by a killed stage with the same key is kept (the stage resumes from
-    its checkpoints / score files); one made with another key is removed first.
+    its checkpoints / score files); one made with another key is removed first. Rank 0
+    decides and keeps the books; every rank does the work (each stage coordinates its
+    own writes) and waits for the others at both ends.
     """
-    import hashlib
-    import shutil
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    done, pending = directory / "stage.json", directory / "stage.pending.json"
-    if done.exists() and json.loads(done.read_text())["key"] == digest:
+    if distributed.on_main(_open_stage, directory, digest) == "done":
         logger.warning("Stage %s: up to date, skipped", directory.name)
         return
+    work()
+    distributed.on_main(_close_stage, directory, digest, key)
+
+
+def _open_stage(directory: Path, digest: str) -> str:
+    """'done' when the stage is finished with this key; else prepare its folder and return 'run'."""
+    done, pending = directory / "stage.json", directory / "stage.pending.json"
+    if done.exists() and json.loads(done.read_text())["key"] == digest:
+        return "done"
     if directory.exists() and not (pending.exists() and json.loads(pending.read_text())["key"] == digest):
         shutil.rmtree(directory)
     write_atomic(pending, json.dumps({"key": digest}))
     done.unlink(missing_ok=True)
-    work()
-    write_atomic(done, json.dumps({"key": digest, "inputs": key}, indent=2, default=str))
-    pending.unlink()
+    return "run"
+
+
+def _close_stage(directory: Path, digest: str, key: dict) -> None:
+    write_atomic(directory / "stage.json", json.dumps({"key": digest, "inputs": key}, indent=2, default=str))
+    (directory / "stage.pending.json").unlink()

@@ -13,6 +13,7 @@ Only three things change relative to SFTTrainer:
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections import defaultdict
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from transformers.utils import ModelOutput
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from . import distributed
 from .config import SFTMixConfig
 from .losses import IGNORE_INDEX, LossTerms, sample_lambda, sftmix_loss_fused, sftmix_loss_reference
 from .model import head_is_linear
@@ -57,12 +59,17 @@ class BalancedBatchSampler:
         return -(-pairs // self.half)  # ceil: the last batch is filled by cycling
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
         needed = len(self) * self.half
-        confident = _cycled_permutation(self.confident, needed, generator)
-        unconfident = _cycled_permutation(self.unconfident, needed, generator)
+        # One generator per group: a group's order does not depend on how often the other group
+        # was cycled, so batch size B on one process and B/N on N processes pair the same examples.
+        confident = _cycled_permutation(self.confident, needed, self._generator(0))
+        unconfident = _cycled_permutation(self.unconfident, needed, self._generator(1))
         for start in range(0, needed, self.half):
             yield confident[start : start + self.half] + unconfident[start : start + self.half]
+
+
+    def _generator(self, group: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch + 7_919 * group)
 
 
 def _cycled_permutation(items: list[int], length: int, generator: torch.Generator) -> list[int]:
@@ -162,6 +169,8 @@ class SFTMixTrainer(SFTTrainer):
         finally:
             args.loss_type = sftmix_loss_type
         self.mixing = sftmix_loss_type != "ntp"
+        self._step: StepCounts | None = None  # set at the start of every optimisation step
+        self._micro_batch = 0  # index of the micro-batch within the optimisation step
         self._balanced_groups = self._group_indices(groups) if self.mixing else None
         patched = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_sftmix_head(patched)
@@ -199,55 +208,98 @@ class SFTMixTrainer(SFTTrainer):
         # Each rank receives whole balanced batches (BatchSamplerShard hands out batches round-robin).
         return self.accelerator.prepare(loader)
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also count, once per optimisation step, what the step's two loss terms are normalised by."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step = _step_counts(batch_samples, self.mixing, device)
+        self._micro_batch = 0
+        return batch_samples, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         example_ids = inputs.pop("example_ids", None)
         request = self._loss_request(inputs["labels"], model.training, num_items_in_batch)
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, sftmix=request)
-        self._log_terms(model.training, outputs, request.lam)
+        self._log_terms(model.training, outputs, request)
         if self.online_nll is not None and example_ids is not None and model.training:
-            counts = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
-            for example_id, nll, count in zip(example_ids, outputs.row_nll.tolist(), counts):
-                self.online_nll[example_id].append((self.state.epoch or 0.0, nll, count))
+            self._record_online_nll(example_ids, inputs["labels"], outputs.row_nll)
+        if model.training:
+            self._micro_batch += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def _loss_request(self, labels: torch.Tensor, training: bool, num_items_in_batch) -> SFTMixRequest:
-        """Pairs, lambdas and the two normalisers: per-token means over the whole optimisation step.
+        """Pairs, lambdas and the two normalisers of this micro-batch.
 
-        Like SFTTrainer, NTP divides by `num_items_in_batch` (tokens of every accumulated micro-batch,
-        and of every rank when averaged across devices; DDP then averages ranks). Mixup divides by this
-        micro-batch's mixed positions and the number of accumulated micro-batches.
+        Both terms are per-token means over the whole optimisation step, all ranks and all
+        accumulated micro-batches, as if the step were one large batch: NTP divides by the step's
+        supervised tokens (`num_items_in_batch`, as SFTTrainer does), Mixup by the step's mixed
+        positions. Each rank's loss is multiplied by the number of ranks because DDP, FSDP and
+        DeepSpeed average the ranks' gradients.
         """
         mixing = self.mixing and training
         ntp_weight, mixup_weight = self.args.loss_weights if mixing else (1.0, 0.0)
         shifted = labels[:, 1:]
-        if num_items_in_batch is None:
+        ranks = distributed.world_size() if self.args.average_tokens_across_devices else 1
+        if num_items_in_batch is None:  # outside a training step (evaluation, direct calls): this batch alone
             ntp_denominator = float((shifted != IGNORE_INDEX).sum())
         else:
-            ntp_denominator = float(num_items_in_batch)
-            if self.args.average_tokens_across_devices:
-                ntp_denominator /= self.accelerator.num_processes
+            ntp_denominator = float(num_items_in_batch) / ranks
         request = SFTMixRequest(labels, None, None, ntp_weight / max(ntp_denominator, 1), 0.0, self.args.fused_loss)
         if mixing:
-            half = labels.size(0) // 2
-            rows = torch.arange(half, device=labels.device)
-            request.pair_index = torch.stack([rows, rows + half], dim=1)  # [P, 2]: the sampler puts confident first
-            request.lam = sample_lambda(self.args.mixup_alpha, half, self.args.mixup_lambda_per).to(labels.device)
-            accumulation = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            mixed = count_mixed_positions(shifted, request.pair_index)
-            request.mixup_scale = mixup_weight / max(mixed, 1) / accumulation
+            request.pair_index = balanced_pairs(labels.size(0), labels.device)
+            request.lam = self._lambdas(len(request.pair_index)).to(labels.device)
+            step = self._step
+            if step is not None and num_items_in_batch is not None:
+                across = self.args.average_tokens_across_devices
+                mixed_denominator = step.mixed_positions / ranks if across else step.local_mixed_positions
+            else:
+                mixed_denominator = count_mixed_positions(shifted, request.pair_index)
+            request.mixup_scale = mixup_weight / max(mixed_denominator, 1)
         return request
 
-    def _log_terms(self, training: bool, outputs: SFTMixOutput, lam: torch.Tensor | None) -> None:
+    def _lambdas(self, pairs: int) -> torch.Tensor:
+        """This rank's slice of one draw for the global batch, in global pair order (rank 0's pairs first).
+
+        The draw is seeded by (seed, step, micro-batch), so every rank draws the same global vector,
+        N processes x B/N rows get the lambdas that 1 process x B rows gets, and a resumed run gets
+        the lambdas of the uninterrupted one.
+        """
+        seed = (self.args.seed, self.state.global_step, self._micro_batch)
+        world, rank = distributed.world_size(), distributed.rank()
+        every_rank = sample_lambda(self.args.mixup_alpha, world * pairs, self.args.mixup_lambda_per, seed)
+        return every_rank[rank * pairs : (rank + 1) * pairs]
+
+    def _log_terms(self, training: bool, outputs: SFTMixOutput, request: SFTMixRequest) -> None:
+        """Log the values being optimised: the step's NTP and Mixup terms, summed over ranks."""
         mode = "train" if training else "eval"
-        sums = torch.tensor(
-            [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count],
-            device=self.accelerator.device,
-        )
-        ntp_sum, ntp_count, mixup_sum, mixup_count = self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
+        local = [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count]
+        ntp_sum, ntp_count, mixup_sum, mixup_count = distributed.sum_over_ranks(local, self.accelerator.device)
+        step = self._step if training else None
+        if step is not None:
+            # Each micro-batch logs its share scaled by the micro-batch count; their mean is the step's value.
+            ntp_count, mixup_count = step.ntp_tokens / step.micro_batches, step.mixed_positions / step.micro_batches
         self._metrics[mode]["ntp_loss"].append(ntp_sum / max(ntp_count, 1))
         if self.mixing and training:
             self._metrics[mode]["mixup_loss"].append(mixup_sum / max(mixup_count, 1))
-            self._metrics[mode]["mixup_lambda"].append(float(lam.mean()))
+            self._metrics[mode]["mixup_lambda"].append(float(request.lam.mean()))
+
+    def _record_online_nll(self, example_ids: list[str], labels: torch.Tensor, row_nll: torch.Tensor) -> None:
+        """Each example's response NLL when it is trained on, with the epoch and step of that visit."""
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+        epoch = int(math.floor(self.state.epoch or 0.0))
+        for example_id, nll, count in zip(example_ids, row_nll.tolist(), counts):
+            self.online_nll[example_id].append((epoch, self.state.global_step, nll, count))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save weights `from_pretrained` loads, whatever shards them (also for every checkpoint).
+
+        A collective. Under FSDP2 and ZeRO-3 the full state dict is gathered here, whatever the
+        accelerate config says; the engine's own resumable checkpoint is written beside it by Trainer.
+        """
+        state_dict = distributed.full_state_dict(self.model_wrapped, self.model)
+        if state_dict is None:
+            super().save_model(output_dir, _internal_call)
+        else:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         if not self.is_world_process_zero():
@@ -265,6 +317,34 @@ class _CollatorWithIds:
         batch = self.collator([{k: v for k, v in example.items() if k != "id"} for example in examples])
         batch["example_ids"] = [example["id"] for example in examples]
         return batch
+
+
+def balanced_pairs(batch_size: int, device=None) -> torch.Tensor:
+    """(confident row, unconfident row) pairs of a balanced batch: row k with row k + B/2. -> [B/2, 2]"""
+    rows = torch.arange(batch_size // 2, device=device)
+    return torch.stack([rows, rows + batch_size // 2], dim=1)
+
+
+@dataclass
+class StepCounts:
+    """What one optimisation step's loss terms are normalised by: tokens and mixed positions, all ranks."""
+
+    ntp_tokens: float
+    mixed_positions: float
+    local_mixed_positions: float  # this rank's, for average_tokens_across_devices=False
+    micro_batches: int
+
+
+def _step_counts(batch_samples: list[dict], mixing: bool, device) -> StepCounts:
+    ntp_tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batch_samples)
+    mixed = 0
+    if mixing:
+        mixed = sum(
+            count_mixed_positions(batch["labels"][:, 1:], balanced_pairs(len(batch["labels"])))
+            for batch in batch_samples
+        )
+    all_tokens, all_mixed = distributed.sum_over_ranks([ntp_tokens, mixed], device)
+    return StepCounts(all_tokens, all_mixed, float(mixed), max(len(batch_samples), 1))
 
 
 def count_mixed_positions(shifted_labels: torch.Tensor, pair_index: torch.Tensor) -> int:

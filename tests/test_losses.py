@@ -180,16 +180,25 @@ def test_fused_without_pairs_is_plain_ntp():
 
 
 def test_sample_lambda_per_pair_and_per_batch():
-    torch.manual_seed(0)
-    per_pair = sample_lambda(0.5, 20000)
+    per_pair = sample_lambda(0.5, 20000, seed=(0,))
     assert per_pair.shape == (20000,) and per_pair.min() >= 0 and per_pair.max() <= 1
     assert per_pair.mean().item() == pytest.approx(0.5, abs=0.01)
     # Beta(0.5, 0.5) has variance 1/8: U-shaped, unlike a uniform (1/12).
     assert per_pair.var().item() == pytest.approx(1 / 8, abs=0.005)
-    per_batch = sample_lambda(0.5, 4, per="batch")
+    per_batch = sample_lambda(0.5, 4, per="batch", seed=(0,))
     assert per_batch.shape == (4,) and torch.all(per_batch == per_batch[0])
     with pytest.raises(ValueError, match="mixup_lambda_per"):
         sample_lambda(0.5, 4, per="token")
+
+
+def test_sample_lambda_depends_on_its_seed_only():
+    torch.manual_seed(1)
+    first = sample_lambda(0.5, 8, seed=(42, 3, 1))
+    torch.manual_seed(2)  # global RNG state must not matter: ranks and resumed runs share the draw
+    assert torch.equal(sample_lambda(0.5, 8, seed=(42, 3, 1)), first)
+    assert not torch.equal(sample_lambda(0.5, 8, seed=(42, 4, 1)), first)
+    # a prefix of a longer draw is the shorter draw: slices of one global vector are consistent
+    assert torch.equal(sample_lambda(0.5, 16, seed=(42, 3, 1))[:8], first)
 
 
 @pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))

@@ -72,7 +72,7 @@ def test_train_batches_are_balanced_and_paired(tiny_model_dir, tiny_data, tokeni
 def test_compute_loss_equals_independent_computation(tiny_model_dir, tiny_data, tokenizer, tmp_path, monkeypatch):
     trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path)
     fixed_lambda = torch.tensor([0.3, 0.9])
-    monkeypatch.setattr(trainer_module, "sample_lambda", lambda alpha, n, per: fixed_lambda)
+    monkeypatch.setattr(trainer_module, "sample_lambda", lambda alpha, n, per, seed: fixed_lambda)
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model.train()
     loss = trainer.compute_loss(model, dict(batch))
