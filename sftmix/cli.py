@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from .distributed import print_on_main
+
 COMMANDS = {
     "train": "train a model with SFTMix or plain NTP",
     "dynamics": "score every example's confidence from a reference run and split the data",
@@ -59,7 +61,7 @@ def _train(argv: list[str]) -> int:
     from .pipeline import train
 
     output_dir = train(_parse(SFTMixConfig, "sftmix train", argv))
-    print(f"Model saved to {output_dir}  (AutoModelForCausalLM.from_pretrained({str(output_dir)!r}))")
+    print_on_main(f"Model saved to {output_dir}  (AutoModelForCausalLM.from_pretrained({str(output_dir)!r}))")
     return 0
 
 
@@ -68,9 +70,8 @@ def _dynamics(argv: list[str]) -> int:
     from .pipeline import dynamics
 
     output_dir = dynamics(_parse(DynamicsConfig, "sftmix dynamics", argv))
-    if output_dir is not None:
-        print(f"Confidence split written to {output_dir / 'confidence.jsonl'} "
-              f"(train with: sftmix train --confidence_path {output_dir / 'confidence.jsonl'})")
+    print_on_main(f"Confidence split written to {output_dir / 'confidence.jsonl'} "
+                  f"(train with: sftmix train --confidence_path {output_dir / 'confidence.jsonl'})")
     return 0
 
 
@@ -83,7 +84,7 @@ def _run(argv: list[str]) -> int:
 
         argv = ["--config", str(Path(__file__).with_name("quickstart.yaml"))]
     run_dir = run(_parse(RunConfig, "sftmix run", argv))
-    print(f"Report: {run_dir / 'report.md'}  (numbers: {run_dir / 'metrics.json'})")
+    print_on_main(f"Report: {run_dir / 'report.md'}  (numbers: {run_dir / 'metrics.json'})")
     return 0
 
 
@@ -93,7 +94,7 @@ def _eval(argv: list[str]) -> int:
 
     config = _parse(EvalConfig, "sftmix eval", argv)
     evaluate(config)
-    print(f"Metrics: {config.output_dir}/metrics.json")
+    print_on_main(f"Metrics: {config.output_dir}/metrics.json")
     return 0
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from . import distributed
 from .errors import InputError
 
 LOSS_TYPES = ("sftmix", "ntp", "equal", "mixup_only")
@@ -95,10 +96,12 @@ class SFTMixConfig(SFTConfig):
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per epoch
+        distributed.configure_launch(self)
         # SFTConfig checks loss_type against its own ("nll", "dft"); ours is read by SFTMixTrainer.
         sftmix_loss_type, self.loss_type = self.loss_type, "nll"
         super().__post_init__()
         self.loss_type = sftmix_loss_type
+        distributed.check_launch(self)
         if self.loss_type != "ntp" and self.per_device_train_batch_size % 2:
             raise InputError(
                 f"per_device_train_batch_size must be even for balanced confident/unconfident batches, got "

@@ -15,6 +15,7 @@ exit non-zero together (the launcher ends the others when one rank dies elsewher
     device(use_cpu)    this rank's device (its own GPU under a launcher)
     full_state_dict()  the whole model's weights on rank 0, whatever shards them (FSDP2, ZeRO-3)
     unpartitioned_loading()   load a whole model on this rank even inside a ZeRO-3 job
+    configure_launch(config) / check_launch(config)   make a launch work as asked, or refuse it
 
 One process (no launcher) is the trivial case: nothing is initialised, nothing waits.
 """
@@ -136,6 +137,12 @@ def shard(count: int) -> range:
     return range(rank(), count, world_size())
 
 
+def print_on_main(message: str) -> None:
+    """What a command reports when it is done: printed once, not once per rank."""
+    if is_main():
+        print(message, flush=True)
+
+
 def device(use_cpu: bool = False):
     """This rank's device: its own GPU (LOCAL_RANK) when there is one, else the CPU."""
     import torch
@@ -161,7 +168,8 @@ def full_state_dict(wrapped_model, model) -> dict | None:
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _zero_stage(wrapped_model) == 3:
         trainable_only = any(not parameter.requires_grad for parameter in model.parameters())  # LoRA: adapter only
-        return wrapped_model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+        gathered = wrapped_model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+        return gathered or {}  # DeepSpeed returns None on the ranks that do not write
     return None
 
 
@@ -190,3 +198,60 @@ def unpartitioned_loading() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = reference
+
+
+def describe_launch(wrapped_model, model) -> dict[str, Any]:
+    """How this job ran: processes, the process group's size, and the engine that held the weights."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if _zero_stage(wrapped_model) is not None:
+        engine = f"deepspeed-zero{_zero_stage(wrapped_model)}"
+    elif any(isinstance(parameter, DTensor) for parameter in model.parameters()):
+        engine = "fsdp2"
+    else:
+        engine = "ddp" if world_size() > 1 else "single-process"
+    group_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return {"processes": world_size(), "process_group_size": group_size, "engine": engine}
+
+
+def configure_launch(config) -> None:
+    """Before TrainingArguments sets up devices: make a launch without GPUs run as one job.
+
+    Without CUDA, transformers runs the processes of `accelerate launch` as independent
+    copies (each training on all the data, none of them distributed) unless it is told to
+    use the CPU; DeepSpeed instead needs the gloo backend named.
+    """
+    import torch
+
+    if world_size() == 1 or torch.cuda.is_available():
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        config.ddp_backend = config.ddp_backend or "gloo"
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":  # FSDP without GPUs: check_launch
+        config.use_cpu = True
+
+
+def check_launch(config) -> None:
+    """Refuse, before any work, a launch that sftmix would not run as one correct job."""
+    env = os.environ
+    if world_size() > 1 and config.world_size != world_size():
+        if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise InputError("FSDP needs GPUs (on CPU processes accelerate would run plain DDP, or nothing)")
+        raise InputError(
+            f"{world_size()} processes were launched but training would see {config.world_size}: they would train as "
+            "independent copies. On a machine without GPUs, pass --use_cpu true (DDP) or --ddp_backend gloo "
+            "(DeepSpeed)."
+        )
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and env.get("FSDP_VERSION", "1") != "2":
+        raise InputError("FSDP1 is not supported: set `fsdp_version: 2` in the accelerate config "
+                         "(configs/accelerate/fsdp2.yaml), or use DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml)")
+    if env.get("ACCELERATE_USE_MEGATRON_LM", "false").lower() == "true":
+        raise InputError("Megatron-LM is not supported: use DDP, FSDP2 or DeepSpeed (configs/accelerate/)")
+    parallel = {name: int(env.get(f"PARALLELISM_CONFIG_{name}_SIZE", "1")) for name in ("TP", "CP", "SP")}
+    if any(size > 1 for size in parallel.values()):
+        raise InputError(f"tensor / context / sequence parallelism ({parallel}) is not supported: the Mixup pairs "
+                         "need whole sequences on one rank; use data parallelism with FSDP2 or ZeRO-3")
+    if config.loss_type != "ntp" and getattr(config.accelerator_config, "split_batches", False):
+        raise InputError("accelerator_config.split_batches would cut each balanced confident/unconfident batch "
+                         "across ranks; leave it false (each rank then gets whole balanced batches)")

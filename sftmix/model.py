@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .data import packaged_file
+from .distributed import unpartitioned_loading
 from .files import cache_root
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def merge_adapter(base_path: str, adapter_dir: Path, output_dir: Path, trust_rem
     """
     from peft import PeftModel
 
-    base = load_model(base_path, trust_remote_code, dtype="float32")
+    with unpartitioned_loading():  # rank 0 alone holds the whole model, even inside a ZeRO-3 job
+        base = load_model(base_path, trust_remote_code, dtype="float32")
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(output_dir, safe_serialization=True)
 
@@ -126,7 +128,7 @@ def check_loadable(model_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
+    with torch.device("meta"), unpartitioned_loading():
         expected = AutoModelForCausalLM.from_config(config).state_dict()
     stored: dict[str, tuple[int, ...]] = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):

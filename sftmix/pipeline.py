@@ -25,6 +25,7 @@ from . import distributed
 from . import dynamics as dyn
 from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from .data import DataReport, build_dataset, read_confidence
+from .errors import InputError
 from .files import file_hash, write_atomic, write_jsonl
 from .model import check_loadable, load_model, load_tokenizer, merge_adapter, resolve_model_path
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
@@ -86,7 +87,7 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     Resumes from the newest checkpoint in `output_dir` when there is one.
     """
     if config.loss_type != "ntp" and config.confidence_path is None:
-        raise ValueError(
+        raise InputError(
             f"--loss_type {config.loss_type} needs --confidence_path: first run `sftmix dynamics "
             "--output_dir dyn` on the same model and data, then pass --confidence_path dyn/confidence.jsonl "
             "(or train the plain baseline with --loss_type ntp)"
@@ -97,12 +98,14 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
         groups = read_confidence(config.confidence_path)
         check_same_data(config.confidence_path, prepared, groups)
     trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(config))
+    trainer.train(resume_from_checkpoint=distributed.on_main(resume_checkpoint, config))
     output_dir = Path(config.output_dir)
     _save(trainer, config, output_dir, prepared.model_path)
     trainer.save_state()  # trainer_state.json: the loss curves of the report
     distributed.on_main(write_atomic, output_dir / "data_report.json",
                         json.dumps(vars(prepared.report), indent=2, default=str))
+    launch = distributed.describe_launch(trainer.model_wrapped, trainer.model)
+    distributed.on_main(write_atomic, output_dir / "launch.json", json.dumps(launch, indent=2))
     return output_dir
 
 

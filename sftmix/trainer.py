@@ -171,6 +171,7 @@ class SFTMixTrainer(SFTTrainer):
         self.mixing = sftmix_loss_type != "ntp"
         self._step: StepCounts | None = None  # set at the start of every optimisation step
         self._micro_batch = 0  # index of the micro-batch within the optimisation step
+        self._global_lambda_mean = 0.0
         self._balanced_groups = self._group_indices(groups) if self.mixing else None
         patched = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_sftmix_head(patched)
@@ -219,7 +220,7 @@ class SFTMixTrainer(SFTTrainer):
         example_ids = inputs.pop("example_ids", None)
         request = self._loss_request(inputs["labels"], model.training, num_items_in_batch)
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, sftmix=request)
-        self._log_terms(model.training, outputs, request)
+        self._log_terms(model.training, outputs)
         if self.online_nll is not None and example_ids is not None and model.training:
             self._record_online_nll(example_ids, inputs["labels"], outputs.row_nll)
         if model.training:
@@ -266,9 +267,10 @@ class SFTMixTrainer(SFTTrainer):
         seed = (self.args.seed, self.state.global_step, self._micro_batch)
         world, rank = distributed.world_size(), distributed.rank()
         every_rank = sample_lambda(self.args.mixup_alpha, world * pairs, self.args.mixup_lambda_per, seed)
+        self._global_lambda_mean = float(every_rank.mean())  # what is logged: the whole global batch's
         return every_rank[rank * pairs : (rank + 1) * pairs]
 
-    def _log_terms(self, training: bool, outputs: SFTMixOutput, request: SFTMixRequest) -> None:
+    def _log_terms(self, training: bool, outputs: SFTMixOutput) -> None:
         """Log the values being optimised: the step's NTP and Mixup terms, summed over ranks."""
         mode = "train" if training else "eval"
         local = [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count]
@@ -280,7 +282,7 @@ class SFTMixTrainer(SFTTrainer):
         self._metrics[mode]["ntp_loss"].append(ntp_sum / max(ntp_count, 1))
         if self.mixing and training:
             self._metrics[mode]["mixup_loss"].append(mixup_sum / max(mixup_count, 1))
-            self._metrics[mode]["mixup_lambda"].append(float(request.lam.mean()))
+            self._metrics[mode]["mixup_lambda"].append(self._global_lambda_mean)
 
     def _record_online_nll(self, example_ids: list[str], labels: torch.Tensor, row_nll: torch.Tensor) -> None:
         """Each example's response NLL when it is trained on, with the epoch and step of that visit."""
