@@ -258,17 +258,22 @@ class SFTMixTrainer(SFTTrainer):
         return request
 
     def _lambdas(self, pairs: int) -> torch.Tensor:
-        """This rank's slice of one draw for the global batch, in global pair order (rank 0's pairs first).
+        """This micro-batch's slice of one draw for the whole optimisation step.
 
-        The draw is seeded by (seed, step, micro-batch), so every rank draws the same global vector,
-        N processes x B/N rows get the lambdas that 1 process x B rows gets, and a resumed run gets
-        the lambdas of the uninterrupted one.
+        Pairs are numbered as in one large batch: micro-batch by micro-batch, and within one,
+        rank 0's pairs first (the order in which the sampler deals batches out). The draw is seeded
+        by (seed, step) alone, so every rank draws the same vector; N processes x B/N rows, or
+        G accumulated micro-batches of B/G rows, get the lambdas that one batch of B rows gets, and
+        a resumed run gets those of the uninterrupted one.
         """
-        seed = (self.args.seed, self.state.global_step, self._micro_batch)
         world, rank = distributed.world_size(), distributed.rank()
-        every_rank = sample_lambda(self.args.mixup_alpha, world * pairs, self.args.mixup_lambda_per, seed)
-        self._global_lambda_mean = float(every_rank.mean())  # what is logged: the whole global batch's
-        return every_rank[rank * pairs : (rank + 1) * pairs]
+        in_step = self._step is not None  # False for a direct compute_loss call outside a training step
+        micro_batches, micro_batch = (self._step.micro_batches, self._micro_batch) if in_step else (1, 0)
+        step_draw = sample_lambda(self.args.mixup_alpha, micro_batches * world * pairs, self.args.mixup_lambda_per,
+                                  seed=(self.args.seed, self.state.global_step))
+        start = (micro_batch * world + rank) * pairs
+        self._global_lambda_mean = float(step_draw.mean())  # what is logged: the whole step's
+        return step_draw[start : start + pairs]
 
     def _log_terms(self, training: bool, outputs: SFTMixOutput) -> None:
         """Log the values being optimised: the step's NTP and Mixup terms, summed over ranks."""

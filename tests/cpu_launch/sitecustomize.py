@@ -1,0 +1,37 @@
+"""Test-only start-up hooks for the processes that tests/test_distributed.py launches (on PYTHONPATH there).
+
+SFTMIX_TEST_FSDP2_ON_CPU=1: accelerate 1.15 runs FSDP as plain DDP when there is no GPU,
+although torch's FSDP2 (`fully_shard`) works on CPU processes with gloo. This makes
+accelerate take its real FSDP2 path (distributed type MULTI_GPU, device CPU, gloo); the
+model is then sharded by `fully_shard`, which launch.json's engine check confirms.
+
+SFTMIX_TEST_FAIL_SCORING=<rank>:<call>: that rank raises in its <call>-th scoring pass, as
+a crash (out of memory, a dead node) would.
+"""
+
+import os
+
+if os.environ.get("SFTMIX_TEST_FSDP2_ON_CPU") == "1":
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        return "gloo", DistributedType.MULTI_GPU
+
+    PartialState._prepare_backend = _prepare_backend
+    os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+
+if os.environ.get("SFTMIX_TEST_FAIL_SCORING") and os.environ.get("RANK") is not None:
+    failing_rank, failing_call = (int(part) for part in os.environ["SFTMIX_TEST_FAIL_SCORING"].split(":"))
+    if int(os.environ["RANK"]) == failing_rank:
+        import sftmix.dynamics as dynamics
+
+        real_score_model, calls = dynamics.score_model, []
+
+        def score_model(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == failing_call:
+                raise RuntimeError(f"injected crash on rank {failing_rank} in scoring pass {failing_call}")
+            return real_score_model(*args, **kwargs)
+
+        dynamics.score_model = score_model
