@@ -50,9 +50,11 @@ def _process_group():
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        import torch
         from accelerate import PartialState
 
-        PartialState()  # reads the launcher's environment (backend, device) and calls init_process_group
+        # Reads the launcher's environment and calls init_process_group (gloo when there is no GPU).
+        PartialState(cpu=not torch.cuda.is_available())
     return dist
 
 

@@ -33,6 +33,7 @@ class CheckpointScores:
     checkpoint: str
     nll_sum: list[float]
     num_tokens: list[int]
+    seconds: float = 0.0  # wall time of the scoring pass (all ranks together)
 
     @property
     def perplexities(self) -> list[float]:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,11 +231,12 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
         return saved
     with distributed.unpartitioned_loading():
         model = load_model(checkpoint, config.trust_remote_code).to(distributed.device(config.use_cpu))
+    started = time.perf_counter()
     nll_sum, num_tokens = dyn.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
         desc=f"Scoring {Path(checkpoint).name}",
     )
-    scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens)
+    scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
     distributed.on_main(dyn.save_scores, path, scores, prepared.report.fingerprint)
     return scores
 

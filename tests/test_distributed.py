@@ -259,3 +259,27 @@ def cli_flags(settings: dict) -> list[str]:
     for key, value in settings.items():
         flags += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     return flags
+
+
+def test_eval_two_processes_equals_one_process(tiny_model_dir, tiny_data, tmp_path):
+    """`sftmix eval` alone (no trainer sets up the process group): each rank scores and answers its share."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"question_id": 1, "turns": ["tell me about the cat", "why"]},
+        {"question_id": 2, "turns": ["one two"]},
+        {"question_id": 3, "turns": ["the red dog"]},
+    ])
+    flags = ["eval", "--model", str(tiny_model_dir), "--dataset", str(tiny_data[0]), "--prompts", str(prompts),
+             "--confidence_dataset", str(tiny_data[0]), "--max_new_tokens", "5", "--max_length", "64",
+             "--batch_size", "2", "--scoring_batch_tokens", "100"]
+    result = launch("ddp", [*flags, "--output_dir", "two"], tmp_path)
+    assert result.stdout.count("Metrics:") == 1
+    one = subprocess.run([sys.executable, "-m", "sftmix.cli", *flags, "--output_dir", "one"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in ("model_outputs.json", "nll-data.jsonl"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    two_answers, one_answers = (read_jsonl(tmp_path / name / "mt_bench_answers.jsonl") for name in ("two", "one"))
+    assert [row["choices"] for row in two_answers] == [row["choices"] for row in one_answers]
+    two_metrics, one_metrics = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
+    assert two_metrics["likelihood"] == one_metrics["likelihood"]
+    assert two_metrics["confidence"]["confidence_std"] == pytest.approx(one_metrics["confidence"]["confidence_std"])
