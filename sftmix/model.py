@@ -9,6 +9,7 @@ safetensors; every later run loads that directory like any HF checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from .data import packaged_file
 from .distributed import unpartitioned_loading
+from .errors import InputError
 from .files import cache_root
 
 logger = logging.getLogger(__name__)
@@ -141,3 +143,58 @@ def check_loadable(model_dir: Path) -> None:
         problem = f"{len(missing)} weights missing (e.g. {missing[:2]})" if missing else ""
         problem += f"{'; ' if problem else ''}{len(wrong)} with the wrong shape (e.g. {wrong[:2]})" if wrong else ""
         raise RuntimeError(f"{model_dir}: the saved model is incomplete: {problem}")
+
+
+def loadable_checkpoint(checkpoint: str, architecture: str, workdir: Path) -> str:
+    """A directory `from_pretrained` loads for `checkpoint`, consolidating a sharded one once into `workdir`.
+
+    Trainer checkpoints of sharded engines may hold no plain weights: FSDP's default sharded
+    state dict (`pytorch_model_fsdp_0/`, and no config) or a DeepSpeed ZeRO checkpoint
+    (`global_step*/`) saved without 16-bit gathering. Those are merged here into
+    safetensors; the config and tokenizer come from the checkpoint, else from `architecture`
+    (the model that was trained). Runs on one process.
+    """
+    source = Path(checkpoint)
+    if not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("pytorch_model*.bin")):
+        return checkpoint
+    target = workdir / f"{source.name}-{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
+    if (target / "model.safetensors").exists():
+        return str(target)
+    staging = Path(tempfile.mkdtemp(dir=_made(workdir), prefix=f".{target.name}."))
+    if (source / "pytorch_model_fsdp_0").is_dir():
+        _merge_fsdp_dcp(source / "pytorch_model_fsdp_0", staging / "model.safetensors")
+    elif any(source.glob("global_step*")):
+        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+        convert_zero_checkpoint_to_fp32_state_dict(str(source), str(staging), safe_serialization=True)
+    else:
+        shutil.rmtree(staging)
+        raise InputError(f"{checkpoint}: no model weights (*.safetensors), FSDP shards (pytorch_model_fsdp_0/) or "
+                         "DeepSpeed checkpoint (global_step*/) in this directory")
+    for name in ("config.json", "generation_config.json"):
+        origin = source / name if (source / name).exists() else Path(architecture) / name
+        if origin.exists():
+            shutil.copyfile(origin, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return str(target)
+
+
+def _merge_fsdp_dcp(dcp_dir: Path, output_file: Path) -> None:
+    """FSDP's sharded model checkpoint (torch.distributed.checkpoint) -> one safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    merged = output_file.with_suffix(".pt")
+    dcp_to_torch_save(str(dcp_dir), str(merged))
+    state = torch.load(merged, weights_only=True, map_location="cpu")
+    state = state.get("model", state)  # accelerate saves {"model": state_dict}
+    tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+    save_file(tensors, str(output_file), metadata={"format": "pt"})
+    merged.unlink()
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

@@ -28,7 +28,14 @@ from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from .data import DataReport, build_dataset, read_confidence
 from .errors import InputError
 from .files import file_hash, write_atomic, write_jsonl
-from .model import check_loadable, load_model, load_tokenizer, merge_adapter, resolve_model_path
+from .model import (
+    check_loadable,
+    load_model,
+    load_tokenizer,
+    loadable_checkpoint,
+    merge_adapter,
+    resolve_model_path,
+)
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -229,8 +236,11 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
     saved = distributed.on_main(dyn.load_scores, path, prepared.report.fingerprint)
     if saved is not None:
         return saved
+    # Sharded checkpoints (FSDP's default, ZeRO without 16-bit gathering) are merged once, by rank 0.
+    weights = distributed.on_main(loadable_checkpoint, checkpoint, prepared.model_path,
+                                  Path(config.output_dir) / "consolidated")
     with distributed.unpartitioned_loading():
-        model = load_model(checkpoint, config.trust_remote_code).to(distributed.device(config.use_cpu))
+        model = load_model(weights, config.trust_remote_code).to(distributed.device(config.use_cpu))
     started = time.perf_counter()
     nll_sum, num_tokens = dyn.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,

@@ -27,6 +27,7 @@ from sftmix import dynamics as dyn
 from sftmix.config import DynamicsConfig, RunConfig
 from sftmix.errors import InputError
 from sftmix.files import read_jsonl
+from sftmix.model import loadable_checkpoint
 from sftmix.pipeline import dynamics, run, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,18 +160,41 @@ def test_ddp_two_processes_with_accumulation_equal_one_batch(tiny_model_dir, tin
 
 def test_zero3_two_processes_equal_one_process_without_16bit_gathering(tiny_model_dir, tiny_data, tmp_path):
     """accelerate's default `--zero3_save_16bit_model false` used to save no weights, with exit 0."""
-    launch("zero3", train_flags(tiny_model_dir, tiny_data, 4, "two"), tmp_path, "--zero3_save_16bit_model", "false")
+    flags = train_flags(tiny_model_dir, tiny_data, 4, "two", "--save_strategy", "steps", "--save_steps", "2")
+    launch("zero3", flags, tmp_path, "--zero3_save_16bit_model", "false")
     assert_ran_as(tmp_path / "two", "deepspeed-zero3")
     assert_same_steps(tmp_path / "two", one_process(tiny_model_dir, tiny_data, tmp_path, "one"))
     assert_same_weights(tmp_path / "two", tmp_path / "one")
+    assert_sharded_checkpoint_is_scored(tmp_path / "two" / "checkpoint-2", "global_step2", tiny_model_dir, tiny_data,
+                                        tmp_path)
 
 
 def test_fsdp2_two_processes_equal_one_process(tiny_model_dir, tiny_data, tmp_path):
     """fsdp2.yaml keeps SHARDED_STATE_DICT: the saved folder must still hold full weights."""
-    launch("fsdp2", train_flags(tiny_model_dir, tiny_data, 4, "two"), tmp_path)
+    flags = train_flags(tiny_model_dir, tiny_data, 4, "two", "--save_strategy", "steps", "--save_steps", "2")
+    launch("fsdp2", flags, tmp_path)
     assert_ran_as(tmp_path / "two", "fsdp2")
     assert_same_steps(tmp_path / "two", one_process(tiny_model_dir, tiny_data, tmp_path, "one"))
     assert_same_weights(tmp_path / "two", tmp_path / "one")
+    assert_sharded_checkpoint_is_scored(tmp_path / "two" / "checkpoint-2", "pytorch_model_fsdp_0", tiny_model_dir,
+                                        tiny_data, tmp_path)
+
+
+def assert_sharded_checkpoint_is_scored(checkpoint: Path, shards: str, tiny_model_dir, tiny_data, tmp_path) -> None:
+    """A checkpoint holding only the engine's shards (as other tools save them) is merged once, then scored."""
+    stripped = tmp_path / "shards-only"
+    shutil.copytree(checkpoint, stripped, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    assert (stripped / shards).is_dir()
+    merged = loadable_checkpoint(str(stripped), str(tiny_model_dir), tmp_path / "consolidated")
+    assert_same_weights(Path(merged), checkpoint.parent)  # checkpoint-2 is the final step
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]), max_length=64,
+                    use_cpu=True, disable_tqdm=True)
+    from_shards = dynamics(DynamicsConfig(**settings, checkpoints=[str(stripped)], output_dir=str(tmp_path / "a")))
+    from_model = dynamics(DynamicsConfig(**settings, checkpoints=[str(checkpoint.parent)],
+                                         output_dir=str(tmp_path / "b")))
+    perplexities = [[row["perplexities"][0] for row in read_jsonl(directory / "confidence.jsonl")]
+                    for directory in (from_shards, from_model)]
+    assert perplexities[0] == pytest.approx(perplexities[1], rel=1e-5)
 
 
 @pytest.mark.parametrize("engine, config", [
