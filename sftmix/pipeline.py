@@ -114,6 +114,7 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
                         json.dumps(vars(prepared.report), indent=2, default=str))
     launch = distributed.describe_launch(trainer.model_wrapped, trainer.model)
     distributed.on_main(write_atomic, output_dir / "launch.json", json.dumps(launch, indent=2))
+    trainer.accelerator.free_memory()  # `run` trains several models in one process
     return output_dir
 
 
