@@ -62,7 +62,7 @@ def prepare_examples(args) -> None:
 
     tokenizer = load_tokenizer(args.model)
     needed = (args.steps + args.warmup) * args.batch_size
-    dataset, _ = build_dataset(None, tokenizer, max_length=args.seq_len, max_examples=needed * 6)
+    dataset, _ = build_dataset(None, tokenizer, max_length=args.seq_len, max_examples=needed * 6, truncation="right")
     full = [i for i, ids in enumerate(dataset["input_ids"]) if len(ids) == args.seq_len][:needed]
     if len(full) < needed:
         raise SystemExit(f"only {len(full)} ShareGPT examples reach {args.seq_len} tokens; lower --seq_len")

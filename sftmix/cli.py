@@ -52,7 +52,16 @@ def main(argv: list[str] | None = None) -> int:
 def _parse(config_class, prog: str, argv: list[str]):
     from trl import TrlParser
 
-    (config,) = TrlParser((config_class,), prog=prog).parse_args_and_config(argv)
+    from .errors import InputError
+
+    try:
+        (config,) = TrlParser((config_class,), prog=prog).parse_args_and_config(argv)
+    except ValueError as err:  # TrlParser's message for YAML keys that no field takes
+        if "Unknown arguments from config file" not in str(err):
+            raise
+        unknown = str(err).split(": ", 1)[1].split(". Please", 1)[0]
+        raise InputError(f"the config file has keys that {prog} does not take: {unknown}. `{prog} --help` lists "
+                         "them; the README maps `trl sft` options to sftmix") from err
     return config
 
 

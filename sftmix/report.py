@@ -95,13 +95,13 @@ def plot_losses(run_dir: Path, variants: list[str], seeds: list[int], path: Path
         for seed in seeds:
             state = run_dir / f"{variant}-seed{seed}" / "trainer_state.json"
             history = json.loads(state.read_text())["log_history"] if state.exists() else []
-            for key, style in (("ntp_loss", "-"), ("mixup_loss", ":")):
+            for key, style in (("ntp_loss", "-"), ("mixup_loss", ":"), ("eval_loss", "--")):
                 points = [(entry["step"], entry[key]) for entry in history if key in entry]
                 if points:
                     axis.plot(*zip(*points), style, marker=".", label=f"{variant} seed {seed}: {key}")
     axis.set_xlabel("optimisation step")
     axis.set_ylabel("loss (per token)")
-    axis.set_title("Training loss: NTP term and Mixup term")
+    axis.set_title("Training loss (NTP and Mixup terms) and held-out loss")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

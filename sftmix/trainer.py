@@ -12,8 +12,10 @@ Only three things change relative to SFTTrainer:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import sys
 import types
 from collections import defaultdict
 from collections.abc import Iterator
@@ -92,6 +94,7 @@ class SFTMixRequest:
     ntp_scale: float
     mixup_scale: float
     fused: bool = True
+    router_aux: bool = False  # MoE: also return the router load-balancing loss
 
 
 @dataclass
@@ -102,6 +105,9 @@ class SFTMixOutput(ModelOutput):
     row_nll: torch.Tensor | None = None
     mixup_sum: torch.Tensor | None = None
     mixup_count: int | None = None
+    entropy_sum: torch.Tensor | None = None
+    num_correct: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # unweighted, as MoE models return it
 
 
 def add_sftmix_head(model) -> None:
@@ -117,16 +123,34 @@ def add_sftmix_head(model) -> None:
             return original_forward(*args, **kwargs)
         kwargs.pop("labels", None)
         kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state  # [B, T, D]
+        if sftmix.router_aux:
+            kwargs["output_router_logits"] = True
+        base_outputs = self.base_model(*args, **kwargs)
+        hidden = base_outputs.last_hidden_state  # [B, T, D]
         lm_head = self.get_output_embeddings()
         with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
             terms = _loss_terms(hidden.to(lm_head.weight.device), lm_head, sftmix, linear_head, softcap)
+        aux_loss = router_aux_loss(self, base_outputs, kwargs.get("attention_mask")) if sftmix.router_aux else None
         return SFTMixOutput(
             loss=terms.total, ntp_sum=terms.ntp_sum, ntp_count=terms.ntp_count, row_nll=terms.row_nll,
-            mixup_sum=terms.mixup_sum, mixup_count=terms.mixup_count,
+            mixup_sum=terms.mixup_sum, mixup_count=terms.mixup_count, entropy_sum=terms.entropy_sum,
+            num_correct=terms.num_correct, aux_loss=aux_loss,
         )
 
     model.forward = types.MethodType(forward, model)
+
+
+def router_aux_loss(model, base_outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The router load-balancing loss that the MoE model's own forward adds (Mixtral, Qwen2-MoE, ...).
+
+    Our forward calls the base model and drops the head's forward, so it computes the same term,
+    with the same function of the model's module, from the router logits the base model returns.
+    """
+    balancing = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    if balancing is None:
+        raise NotImplementedError(f"{type(model).__name__}: no load_balancing_loss_func in its module; "
+                                  "set --router_aux_loss_coef 0 to train without the router auxiliary loss")
+    return balancing(base_outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
 
 
 def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, softcap) -> LossTerms:
@@ -148,6 +172,24 @@ def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, soft
 # --------------------------------------------------------------------------- trainer
 
 
+# SFTConfig fields that sftmix applies itself before the trainer exists: SFTTrainer would reject our loss
+# types, warn that model_init_kwargs are ignored (we loaded the model with them), and apply the chat
+# template a second time (cloning a tokenizer's template resizes the embeddings again).
+SFTTRAINER_NEUTRAL = {"loss_type": "nll", "model_init_kwargs": None, "chat_template_path": None}
+
+
+@contextlib.contextmanager
+def _fields_handled_by_sftmix(args: SFTMixConfig):
+    saved = {name: getattr(args, name) for name in SFTTRAINER_NEUTRAL}
+    for name, neutral in SFTTRAINER_NEUTRAL.items():
+        setattr(args, name, neutral)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
+
+
 class SFTMixTrainer(SFTTrainer):
     """SFTTrainer whose loss is `args.loss_type` (sftmix | ntp | equal | mixup_only).
 
@@ -162,13 +204,9 @@ class SFTMixTrainer(SFTTrainer):
     ):
         if record_nll:  # keep the `id` column so each example's NLL can be attributed to it
             args.remove_unused_columns = False
-        # SFTTrainer accepts only its own loss types; ours is read in compute_loss.
-        sftmix_loss_type, args.loss_type = args.loss_type, "nll"
-        try:
+        with _fields_handled_by_sftmix(args):
             super().__init__(model, args=args, **kwargs)
-        finally:
-            args.loss_type = sftmix_loss_type
-        self.mixing = sftmix_loss_type != "ntp"
+        self.mixing = args.loss_type != "ntp"
         self._step: StepCounts | None = None  # set at the start of every optimisation step
         self._micro_batch = 0  # index of the micro-batch within the optimisation step
         self._global_lambda_mean = 0.0
@@ -219,13 +257,19 @@ class SFTMixTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         example_ids = inputs.pop("example_ids", None)
         request = self._loss_request(inputs["labels"], model.training, num_items_in_batch)
+        request.router_aux = self.aux_loss_enabled
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, sftmix=request)
-        self._log_terms(model.training, outputs)
+        loss = outputs.loss
+        if outputs.aux_loss is not None:
+            # As SFTTrainer: the MoE router loss is a per-micro-batch mean, so it is averaged over accumulation.
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss.to(loss.device) / steps
+        self._log_terms(model.training, outputs, _batch_tokens(inputs))
         if self.online_nll is not None and example_ids is not None and model.training:
             self._record_online_nll(example_ids, inputs["labels"], outputs.row_nll)
         if model.training:
             self._micro_batch += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _loss_request(self, labels: torch.Tensor, training: bool, num_items_in_batch) -> SFTMixRequest:
         """Pairs, lambdas and the two normalisers of this micro-batch.
@@ -275,19 +319,31 @@ class SFTMixTrainer(SFTTrainer):
         self._global_lambda_mean = float(step_draw.mean())  # what is logged: the whole step's
         return step_draw[start : start + pairs]
 
-    def _log_terms(self, training: bool, outputs: SFTMixOutput) -> None:
-        """Log the values being optimised: the step's NTP and Mixup terms, summed over ranks."""
+    def _log_terms(self, training: bool, outputs: SFTMixOutput, tokens: int) -> None:
+        """Log the values being optimised (the step's NTP and Mixup terms, summed over ranks) and what
+        SFTTrainer logs: token accuracy and entropy over the supervised tokens, input tokens seen, MoE aux loss."""
         mode = "train" if training else "eval"
-        local = [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count]
-        ntp_sum, ntp_count, mixup_sum, mixup_count = distributed.sum_over_ranks(local, self.accelerator.device)
+        local = [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count,
+                 float(outputs.entropy_sum), float(outputs.num_correct), tokens,
+                 float(outputs.aux_loss) if outputs.aux_loss is not None else 0.0]
+        totals = distributed.sum_over_ranks(local, self.accelerator.device)
+        ntp_sum, ntp_count, mixup_sum, mixup_count, entropy_sum, correct, tokens, aux_sum = totals
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy_sum / max(ntp_count, 1))
+        metrics["mean_token_accuracy"].append(correct / max(ntp_count, 1))
+        if training:
+            self._total_train_tokens += int(tokens)
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if outputs.aux_loss is not None:
+            metrics["aux_loss"].append(aux_sum / distributed.world_size())
         step = self._step if training else None
         if step is not None:
             # Each micro-batch logs its share scaled by the micro-batch count; their mean is the step's value.
             ntp_count, mixup_count = step.ntp_tokens / step.micro_batches, step.mixed_positions / step.micro_batches
-        self._metrics[mode]["ntp_loss"].append(ntp_sum / max(ntp_count, 1))
+        metrics["ntp_loss"].append(ntp_sum / max(ntp_count, 1))
         if self.mixing and training:
-            self._metrics[mode]["mixup_loss"].append(mixup_sum / max(mixup_count, 1))
-            self._metrics[mode]["mixup_lambda"].append(self._global_lambda_mean)
+            metrics["mixup_loss"].append(mixup_sum / max(mixup_count, 1))
+            metrics["mixup_lambda"].append(self._global_lambda_mean)
 
     def _record_online_nll(self, example_ids: list[str], labels: torch.Tensor, row_nll: torch.Tensor) -> None:
         """Each example's response NLL when it is trained on, with the epoch and step of that visit."""
@@ -312,6 +368,13 @@ class SFTMixTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         write_model_card(Path(self.args.output_dir), self.args)
+
+
+def _batch_tokens(inputs: dict) -> int:
+    """Input tokens of a batch, padding excluded (TRL's `num_tokens`)."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    return int(inputs["input_ids"].numel())  # padding-free: one row, no padding
 
 
 class _CollatorWithIds:

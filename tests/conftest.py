@@ -15,23 +15,23 @@ CHATML = (
 WORDS = "the a cat dog sat on mat red blue green one two three tell me about why how what is are sky sea".split()
 
 
-def make_tokenizer(vocab_size: int = 300, seed: int = 0):
+def make_tokenizer(vocab_size: int = 300, seed: int = 0, specials=("<|im_start|>", "<|im_end|>"),
+                   eos: str = "<|im_end|>", bos: str = "<|im_start|>", chat_template: str = CHATML):
+    """A byte-level BPE trained on WORDS; `specials` become single special tokens (a model family's markers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=["<pad>", *specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = [" ".join(random.Random(seed * 1000 + i).choices(WORDS, k=12)) for i in range(200)]
     tokenizer.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
-    )
-    fast.chat_template = CHATML
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token=eos, bos_token=bos)
+    fast.chat_template = chat_template
     return fast
 
 

@@ -99,3 +99,44 @@ def test_quickstart_run(tmp_path):
     result = run(sftmix("run"), cwd=tmp_path, timeout=3600)
     assert "Report: runs/quickstart/report.md" in result.stdout
     assert (tmp_path / "runs" / "quickstart" / "metrics.json").exists()
+
+
+def trl_sft_yaml(model_dir, dataset: str, extra: str = "") -> str:
+    """A `trl sft` config as TRL's docs write them (ScriptArguments, ModelConfig and SFTConfig names)."""
+    return (
+        f"model_name_or_path: {model_dir}\nmodel_revision: main\ndtype: float32\nattn_implementation: eager\n"
+        "model_init_kwargs:\n  low_cpu_mem_usage: true\n"
+        f"{dataset}"
+        "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_modules: [q_proj, v_proj]\n"
+        "learning_rate: 1.0e-3\nmax_steps: 2\nper_device_train_batch_size: 4\nmax_length: 64\nlogging_steps: 1\n"
+        "save_strategy: 'no'\nuse_cpu: true\nreport_to: none\noutput_dir: out\n"
+        "packing: false\nassistant_only_loss: false\nignore_bias_buffers: false\n" + extra
+    )
+
+
+def test_trl_sft_yaml_with_a_local_dataset_directory(tiny_model_dir, tiny_data, tmp_path):
+    """dataset_name as a `save_to_disk` directory with train/test splits; eval on dataset_test_split."""
+    import datasets
+    from conftest import make_conversations
+
+    rows = make_conversations(16)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(make_conversations(4, seed=3))}).save_to_disk(
+        tmp_path / "dataset")
+    (tmp_path / "trl.yaml").write_text(trl_sft_yaml(
+        tiny_model_dir, f"dataset_name: {tmp_path / 'dataset'}\ndataset_train_split: train\ndataset_test_split: test\n",
+        "eval_strategy: steps\neval_steps: 1\n"))
+    run(sftmix("train", "--config", "trl.yaml", "--confidence_path", str(tiny_data[1])), cwd=tmp_path)
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [1, 2]
+    assert any("mixup_loss" in entry for entry in history)  # SFTMix with the YAML of a trl sft run
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    adapter = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["lora_dropout"] == 0.1
+
+
+def test_trl_sft_yaml_unknown_key_is_one_clear_line(tiny_model_dir, tmp_path):
+    (tmp_path / "trl.yaml").write_text(trl_sft_yaml(tiny_model_dir, "dataset_name: x.jsonl\n", "not_an_option: 3\n"))
+    result = run(sftmix("train", "--config", "trl.yaml"), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "does not take: ['--not_an_option', '3']" in result.stderr and "Traceback" not in result.stderr

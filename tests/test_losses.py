@@ -221,3 +221,19 @@ def test_response_nll_matches_full_logits():
         expected = F.cross_entropy(hidden[row, :-1] @ weight.T, targets, ignore_index=-100, reduction="sum")
         assert nll_sum[row].item() == pytest.approx(expected.item(), rel=1e-5)
         assert num_tokens[row].item() == int((targets != -100).sum())
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+def test_token_accuracy_and_entropy_over_supervised_tokens(name):
+    """TRL's logs, from the same tiles: entropy of softmax(W h) and top-1 hits, supervised positions only."""
+    hidden, labels, weight = random_batch(4, 10, 6, 11, seed=5, dtype=torch.float64)
+    terms = IMPLEMENTATIONS[name](hidden, labels, weight, halves(4), torch.tensor([0.4, 0.6]).double(), 1.0, 0.2)
+    entropy, hits = 0.0, 0
+    for row in range(4):
+        for t in range(9):
+            if labels[row, t + 1] != -100:
+                probs = F.softmax(weight @ hidden[row, t], dim=-1)
+                entropy -= float((probs * probs.log()).sum())
+                hits += int(probs.argmax() == labels[row, t + 1])
+    assert terms.entropy_sum.item() == pytest.approx(entropy, rel=1e-6)
+    assert int(terms.num_correct) == hits

@@ -66,6 +66,9 @@ def test_run_writes_report_and_resumes_after_kill(tiny_model_dir, run_data, tmp_
     confidence_lines = (straight / "dynamics" / "confidence.jsonl").read_text().splitlines()
     trained_ids = {json.loads(line)["id"] for line in confidence_lines}
     assert held_ids and not held_ids & trained_ids
+    # each training evaluates the held-out split (once at the end: eval_strategy is "no")
+    history = json.loads((straight / "sftmix-seed5" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [history[-1]["step"]]
     outputs = json.loads((straight / "eval" / "sftmix-seed5" / "model_outputs.json").read_text())
     assert len(outputs) == 3 and outputs[0]["generator"] == "sftmix-seed5"
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -87,6 +89,14 @@ def test_compute_loss_equals_independent_computation(tiny_model_dir, tiny_data, 
     expected = terms.ntp_sum / tokens + 0.2 * terms.mixup_sum / terms.mixup_count
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert trainer._metrics["train"]["ntp_loss"][-1] == pytest.approx((terms.ntp_sum / tokens).item(), rel=1e-5)
+    # TRL's logs: top-1 accuracy and entropy over the supervised tokens, input tokens seen (padding excluded)
+    logits = outputs.logits[:, :-1][labels[:, 1:] != -100].double()  # [N, V], from the model's own head
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    accuracy = (logits.argmax(-1) == targets).double().mean().item()
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean().item()
+    assert trainer._metrics["train"]["mean_token_accuracy"][-1] == pytest.approx(accuracy)
+    assert trainer._metrics["train"]["entropy"][-1] == pytest.approx(entropy, rel=1e-5)
+    assert trainer._metrics["train"]["num_tokens"] == [int(batch["attention_mask"].sum())]
 
 
 @pytest.mark.parametrize("loss_type, weights", [("ntp", (1.0, 0.0)), ("equal", (0.5, 0.5)), ("mixup_only", (0, 1))])
@@ -191,3 +201,73 @@ def test_softcapped_head_falls_back_to_mixing_states():
     mixing_logits = sftmix_loss_reference(hidden, labels, head.weight, request.pair_index, request.lam, 0.1, 0.5)
     torch.testing.assert_close(terms.total, expected.total)
     assert abs(terms.total.item() - mixing_logits.total.item()) > 1e-3
+
+
+def tiny_moe(kind: str, vocab_size: int):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    shared = dict(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, router_aux_loss_coef=0.5)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**shared, intermediate_size=16, num_local_experts=4))
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(**shared, intermediate_size=16, moe_intermediate_size=8,
+                                              shared_expert_intermediate_size=8, num_experts=4))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_router_aux_loss_is_kept(kind, tiny_data, tokenizer, tmp_path):
+    """The patched forward calls the base model; the router load-balancing loss must still be added, weighted by
+    router_aux_loss_coef, as the model's own forward does (independent: HF's loss with labels)."""
+    dataset, _ = build_dataset(tiny_data[0], tokenizer, max_length=64)
+    model = tiny_moe(kind, len(tokenizer))
+    trainer = SFTMixTrainer(model, args=make_config(tmp_path, loss_type="ntp"), train_dataset=dataset,
+                            processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    torch.manual_seed(1)
+    loss = trainer.compute_loss(model, dict(batch))
+    torch.manual_seed(1)
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     output_router_logits=True)
+    assert expected.aux_loss > 0
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    assert trainer._metrics["train"]["aux_loss"][-1] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
+
+
+def test_eval_dataset_is_evaluated_during_training(tiny_model_dir, tiny_data, tmp_path):
+    """--eval_dataset_path (a JSON array here) with --eval_strategy steps: eval loss every eval_steps, equal to the
+    token-mean NLL of the trained model on that set (independent: the model's own loss on one padded batch)."""
+    from conftest import make_conversations
+
+    rows = make_conversations(6, seed=9)
+    (tmp_path / "eval.json").write_text(json.dumps(rows))
+    config = make_config(
+        tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]),
+        confidence_path=str(tiny_data[1]), eval_dataset_path=str(tmp_path / "eval.json"), eval_strategy="steps",
+        eval_steps=1, per_device_eval_batch_size=6, max_steps=2, max_length=64,
+    )
+    output_dir = train(config)
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    evals = [entry for entry in history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evals] == [1, 2]
+    assert all(0 <= entry["eval_mean_token_accuracy"] <= 1 and entry["eval_entropy"] > 0 for entry in evals)
+    assert "eval_mixup_loss" not in evals[0]  # evaluation is plain NTP
+    from sftmix.dynamics import pad_batch
+    from sftmix.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(output_dir))
+    eval_set, _ = build_dataset(tmp_path / "eval.json", tokenizer, max_length=64)
+    batch = pad_batch(eval_set, list(range(6)), tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(output_dir)(**batch).loss.item()
+    assert evals[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_strategy_without_eval_set_says_what_to_give(tiny_model_dir, tiny_data, tmp_path):
+    from sftmix.errors import InputError
+
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]),
+                         loss_type="ntp", eval_strategy="steps", eval_steps=1)
+    with pytest.raises(InputError, match="--eval_dataset_path"):
+        train(config)

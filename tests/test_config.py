@@ -1,0 +1,63 @@
+"""`trl sft` names in SFTMixConfig, and dataset mixtures / configurations resolved offline from local files."""
+
+import json
+
+import pytest
+from conftest import make_conversations, write_jsonl
+
+from sftmix.cli import _parse
+from sftmix.config import SFTMixConfig
+from sftmix.errors import InputError
+from sftmix.pipeline import resolve_datasets
+
+
+def parse_yaml(tmp_path, text: str) -> SFTMixConfig:
+    (tmp_path / "c.yaml").write_text(f"output_dir: {tmp_path / 'out'}\nuse_cpu: true\n" + text)
+    return _parse(SFTMixConfig, "sftmix train", ["--config", str(tmp_path / "c.yaml")])
+
+
+def ids_of(path) -> list[str]:
+    return [json.loads(line)["id"] for line in open(path)]
+
+
+def test_mixture_with_fractions_as_trl_mixes_them(tmp_path):
+    """TRL's DatasetMixtureConfig: shares normalised to one; the largest mixture that oversamples no dataset."""
+    write_jsonl(tmp_path / "a.jsonl", make_conversations(16))
+    write_jsonl(tmp_path / "b.jsonl", [{**row, "id": f"b{i}"} for i, row in enumerate(make_conversations(8))])
+    config = parse_yaml(tmp_path, (
+        "datasets:\n"
+        f"  - path: json\n    data_files: {tmp_path / 'a.jsonl'}\n    fraction: 3\n"
+        f"  - path: {tmp_path / 'b.jsonl'}\n    fraction: 1\n    columns: [id, instruction, output]\n"
+        "test_split_size: 0.25\neval_strategy: steps\neval_steps: 1\n"))
+    resolve_datasets(config)
+    # shares 0.75 / 0.25; N = min(16 / 0.75, 8 / 0.25) = 21.33: the first 16 of a, the first 5 of b
+    train_ids, test_ids = ids_of(config.dataset_path), ids_of(config.eval_dataset_path)
+    assert sorted(train_ids + test_ids) == sorted([f"e{i}" for i in range(16)] + [f"b{i}" for i in range(5)])
+    assert len(test_ids) == 5  # round(0.25 * 21)
+
+
+def test_dataset_config_of_a_local_dataset_repository(tmp_path):
+    """dataset_name + dataset_config: a directory laid out as a hub dataset with named configurations."""
+    repo = tmp_path / "repo"
+    for config_name, count in (("small", 3), ("big", 6)):
+        (repo / config_name).mkdir(parents=True)
+        rows = [{**row, "id": f"{config_name}{i}"} for i, row in enumerate(make_conversations(count))]
+        write_jsonl(repo / config_name / "train.jsonl", rows)
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n" + "".join(
+            f"- config_name: {name}\n  data_files:\n  - split: train\n    path: {name}/train.jsonl\n"
+            for name in ("small", "big")) + "---\n")
+    config = parse_yaml(tmp_path, f"dataset_name: {repo}\ndataset_config: big\ndataset_train_split: train\n")
+    resolve_datasets(config)
+    assert ids_of(config.dataset_path) == [f"big{i}" for i in range(6)]
+
+
+def test_trl_names_map_onto_sftmix_fields(tmp_path):
+    config = parse_yaml(tmp_path, "dataset_name: data.jsonl\ndataset_train_split: first\nloss_type: nll\n"
+                                  "lora_target_modules: [q_proj]\n")
+    assert (config.dataset_path, config.dataset_split, config.loss_type) == ("data.jsonl", "first", "ntp")
+    assert config.lora_target_modules == ["q_proj"]
+    with pytest.raises(InputError, match="streaming"):
+        parse_yaml(tmp_path, "dataset_name: data.jsonl\ndataset_streaming: true\n")
+    with pytest.raises(InputError, match="disagree"):
+        parse_yaml(tmp_path, "dataset_name: a.jsonl\ndataset_path: b.jsonl\n")
