@@ -325,7 +325,7 @@ class SFTMixTrainer(SFTTrainer):
         mode = "train" if training else "eval"
         local = [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count,
                  float(outputs.entropy_sum), float(outputs.num_correct), tokens,
-                 float(outputs.aux_loss) if outputs.aux_loss is not None else 0.0]
+                 float(outputs.aux_loss.detach()) if outputs.aux_loss is not None else 0.0]
         totals = distributed.sum_over_ranks(local, self.accelerator.device)
         ntp_sum, ntp_count, mixup_sum, mixup_count, entropy_sum, correct, tokens, aux_sum = totals
         metrics = self._metrics[mode]
