@@ -2,15 +2,23 @@
 
     python bench/step.py                                  # SmolLM2-135M, batch 8 x 512 ShareGPT tokens, CPU
     python bench/step.py --batch_size 16 --seq_len 2048 --dtype bfloat16   # on a GPU
+    python bench/step.py --lengths sharegpt --seq_len 1024 --variants fused,fused_pf   # padded vs padding-free
 
 Variants, each in a fresh process on the same model, batches and settings:
     trl      stock TRL SFTTrainer, NTP
     ntp      sftmix --loss_type ntp
     plain    sftmix SFTMix, plain loss (head applied again to the mixed states)
     fused    sftmix SFTMix, fused loss (mixed logits from the NTP logits tiles)
+    fused_pf the same, padding-free (--padding_free true: the batch's sequences concatenated, no padding)
+    ntp_pf   sftmix --loss_type ntp, padding-free
     scoring  `sftmix dynamics` scoring throughput vs a plain forward over the same tokens
-Prints the median step time (forward + backward + optimizer) over the timed steps,
-peak memory (peak RSS of the process on CPU; peak allocated on GPU) and ratios to `trl`.
+Prints the median step time (forward + backward + optimizer) over the timed steps, the
+throughput in real (non-padding) tokens per second over the timed steps, peak memory (peak
+RSS of the process on CPU; peak allocated on GPU) and ratios to `trl`.
+
+--lengths fixed (default) cuts every example to exactly seq_len tokens, so no batch has padding;
+--lengths sharegpt keeps ShareGPT's own lengths (cut to seq_len by sftmix's truncation), which is
+where padding-free batches save work.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("trl", "ntp", "plain", "fused")
+VARIANTS = ("trl", "ntp", "plain", "fused", "ntp_pf", "fused_pf")
 
 
 def main() -> None:
@@ -39,6 +47,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--variants", default="trl,ntp,plain,fused,scoring")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="a random-init stand-in: the model's config and tokenizer with only this many layers")
+    parser.add_argument("--lengths", default="fixed", choices=["fixed", "sharegpt"],
+                        help="fixed: every example exactly seq_len tokens; sharegpt: ShareGPT's own lengths")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -49,19 +61,39 @@ def main() -> None:
 
     args.model = resolve_model_path(args.model)
     with tempfile.TemporaryDirectory() as scratch:
+        if args.layers:
+            args.model = random_init_model(args.model, args.layers, Path(scratch) / "model")
         args.data = str(Path(scratch) / "batches.json")
         prepare_examples(args)
         results = {variant: spawn(args, variant) for variant in args.variants.split(",")}
     report(args, results)
 
 
+def random_init_model(source: str, layers: int, target: Path) -> str:
+    """The source model's architecture and tokenizer with `layers` layers and random weights (seed 0)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(source)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return str(target)
+
+
 def prepare_examples(args) -> None:
-    """(steps + warmup) * batch ShareGPT examples, each cut to exactly seq_len tokens: identical shapes."""
+    """(steps + warmup) * batch ShareGPT examples, each cut to exactly seq_len tokens (identical shapes), or
+    with their own lengths up to seq_len (--lengths sharegpt)."""
     from sftmix.data import build_dataset
     from sftmix.model import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     needed = (args.steps + args.warmup) * args.batch_size
+    if args.lengths == "sharegpt":
+        dataset, _ = build_dataset(None, tokenizer, max_length=args.seq_len, max_examples=needed + 32)
+        Path(args.data).write_text(json.dumps(dataset.select(range(needed)).to_dict()))
+        return
     dataset, _ = build_dataset(None, tokenizer, max_length=args.seq_len, max_examples=needed * 6, truncation="right")
     full = [i for i, ids in enumerate(dataset["input_ids"]) if len(ids) == args.seq_len][:needed]
     if len(full) < needed:
@@ -73,7 +105,7 @@ def prepare_examples(args) -> None:
 def spawn(args, variant: str) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--data", args.data, "--model", args.model,
                "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--dtype", args.dtype,
+               "--warmup", str(args.warmup), "--dtype", args.dtype, "--lengths", args.lengths,
                "--gradient_checkpointing" if args.gradient_checkpointing else "--no-gradient_checkpointing"]
     print(f"[bench] {variant} ...", flush=True)
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -116,15 +148,18 @@ def training_steps(args, rows: dict) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.start = [], 0.0
+            self.times, self.tokens, self.start, self.seen = [], [], 0.0, 0
+            self.trainer = None  # set below; sftmix counts the real tokens it trains on (TRL's num_tokens)
 
         def on_step_begin(self, *_, **__):
             _sync()
             self.start = time.perf_counter()
+            self.seen = getattr(self.trainer, "_total_train_tokens", 0)
 
         def on_step_end(self, *_, **__):
             _sync()
             self.times.append(time.perf_counter() - self.start)
+            self.tokens.append(getattr(self.trainer, "_total_train_tokens", 0) - self.seen)
 
     timer = StepTimer()
     if args.worker == "trl":
@@ -136,16 +171,20 @@ def training_steps(args, rows: dict) -> dict:
         from sftmix.config import SFTMixConfig
         from sftmix.trainer import SFTMixTrainer
 
-        loss_type = "ntp" if args.worker == "ntp" else "sftmix"
-        config = SFTMixConfig(**settings, loss_type=loss_type, fused_loss=args.worker != "plain")
+        loss_type = "ntp" if args.worker.startswith("ntp") else "sftmix"
+        config = SFTMixConfig(**settings, loss_type=loss_type, fused_loss=args.worker != "plain",
+                              padding_free=args.worker.endswith("_pf"))
         groups = {example_id: ("confident" if i % 2 else "unconfident") for i, example_id in enumerate(rows["id"])}
         trainer = SFTMixTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                 groups=groups if loss_type != "ntp" else None, callbacks=[timer])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    timer.trainer = trainer
     trainer.train()
-    timed = timer.times[args.warmup:]
-    return {"median_step_s": statistics.median(timed), "steps_s": timed, **_peak_memory()}
+    timed, tokens = timer.times[args.warmup:], timer.tokens[args.warmup:]
+    throughput = sum(tokens) / sum(timed) if sum(tokens) else None  # stock TRL: not counted here
+    return {"median_step_s": statistics.median(timed), "steps_s": timed, "tokens_per_s": throughput,
+            **_peak_memory()}
 
 
 def scoring_throughput(args, rows: dict) -> dict:
@@ -207,25 +246,32 @@ def report(args, results: dict) -> None:
 
     cpu = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
-    print(f"\nmodel {Path(args.model).name}, batch {args.batch_size} x {args.seq_len}, {args.dtype}, gradient "
+    name = f"random-init {args.layers}-layer stand-in" if args.layers else Path(args.model).name
+    print(f"\nmodel {name}, batch {args.batch_size} x {args.seq_len} ({args.lengths} lengths), "
+          f"{args.dtype}, gradient "
           f"checkpointing {'on' if args.gradient_checkpointing else 'off'}, AdamW, {args.steps} timed steps after "
           f"{args.warmup} warm-up; device: {device}\n")
     base = results.get("trl")
-    print("| variant | median step (s) | vs trl | peak memory (MiB) | vs trl |")
-    print("|---|---|---|---|---|")
+    print("| variant | median step (s) | vs trl | real tokens/s | peak memory (MiB) | vs trl |")
+    print("|---|---|---|---|---|---|")
     names = {"trl": "(a) stock TRL SFTTrainer NTP", "ntp": "(b) sftmix --loss_type ntp",
-             "plain": "(c) sftmix SFTMix, plain loss", "fused": "(d) sftmix SFTMix, fused loss"}
+             "plain": "(c) sftmix SFTMix, plain loss", "fused": "(d) sftmix SFTMix, fused loss",
+             "ntp_pf": "(e) sftmix --loss_type ntp, padding-free", "fused_pf": "(f) sftmix SFTMix, fused, padding-free"}
     for variant in VARIANTS:
         if variant not in results:
             continue
         result = results[variant]
         time_ratio = f"{result['median_step_s'] / base['median_step_s']:.3f}" if base else "-"
         memory_ratio = f"{result['peak_mem_mb'] / base['peak_mem_mb']:.3f}" if base else "-"
-        print(f"| {names[variant]} | {result['median_step_s']:.2f} | {time_ratio} | {result['peak_mem_mb']:.0f} | "
-              f"{memory_ratio} |")
+        throughput = f"{result['tokens_per_s']:.0f}" if result.get("tokens_per_s") else "-"
+        print(f"| {names[variant]} | {result['median_step_s']:.2f} | {time_ratio} | {throughput} | "
+              f"{result['peak_mem_mb']:.0f} | {memory_ratio} |")
     if "fused" in results and "ntp" in results:
         ratio = results["fused"]["median_step_s"] / results["ntp"]["median_step_s"]
         print(f"\nfused / sftmix-ntp step time: {ratio:.3f}")
+    if "fused" in results and "fused_pf" in results:
+        ratio = results["fused_pf"]["tokens_per_s"] / results["fused"]["tokens_per_s"]
+        print(f"SFTMix padding-free / padded throughput (real tokens/s): {ratio:.3f}")
     if "scoring" in results:
         scoring = results["scoring"]
         print(f"dynamics scoring: {scoring['scoring_tokens_per_s']:.0f} tok/s; plain forward: "

@@ -170,6 +170,12 @@ class SFTMixConfig(SFTConfig):
             raise InputError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self._apply_trl_names()
+        if self.packing:
+            raise InputError(
+                "--packing is not supported: it bins examples into rows regardless of the balanced "
+                "confident/unconfident batches that SFTMix pairs (and drops the example ids). --padding_free true "
+                "gives the same saving (no padding tokens, no attention across examples) and keeps the pairs"
+            )
         import torch
 
         if self.bf16 is None:

@@ -19,7 +19,9 @@ Two implementations with identical values and gradients:
 Conventions: `hidden` [B, T, D] are the states feeding the LM head, `labels` [B, T]
 are unshifted token ids with -100 where unsupervised (position t predicts t + 1),
 `weight` [V, D] is the LM head, `pair_index` [P, 2] holds (confident row, unconfident
-row) per pair and `lam` [P] its mixing coefficient.
+row) per pair and `lam` [P] its mixing coefficient. Padding-free batches concatenate the
+sequences in one row: then `sequence` [B, T] gives each position's sequence number, and
+`pair_index` holds sequence numbers instead of rows.
 """
 
 from __future__ import annotations
@@ -62,28 +64,37 @@ def shift(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return hidden[:, :-1], labels[:, 1:]
 
 
-def mixed_positions(shifted_labels: torch.Tensor, pair_index: torch.Tensor, lam: torch.Tensor) -> MixedPositions:
+def mixed_positions(
+    shifted_labels: torch.Tensor, pair_index: torch.Tensor, lam: torch.Tensor, sequence: torch.Tensor | None = None
+) -> MixedPositions:
     """Pair the n-th supervised position of c with the n-th of u, for n < min(|Y_c|, |Y_u|).
 
-    shifted_labels: [B, T]; pair_index: [P, 2]; lam: [P]. Flat indices address [B * T].
+    shifted_labels: [B, T]; pair_index: [P, 2] sequence numbers; lam: [P]; sequence: [B, T], the
+    sequence number of each position: its row by default, several per row in a padding-free batch
+    (sequences concatenated). Flat indices address [B * T].
     """
-    supervised = shifted_labels != IGNORE_INDEX  # [B, T]
-    rank = supervised.cumsum(dim=1) - 1  # [B, T] order of each supervised position in its row
-    count = supervised.sum(dim=1)  # [B]
-    confident_rows, unconfident_rows = pair_index[:, 0], pair_index[:, 1]
-    shortest = torch.minimum(count[confident_rows], count[unconfident_rows])  # [P]
-    num_columns = shifted_labels.size(1)
-
-    def flat_positions(rows: torch.Tensor) -> torch.Tensor:
-        keep = supervised[rows] & (rank[rows] < shortest[:, None])  # [P, T]
-        pair_number, column = keep.nonzero(as_tuple=True)  # row-major: by pair, then by position
-        return rows[pair_number] * num_columns + column
-
+    flat_sequence = _sequence_numbers(shifted_labels, sequence).reshape(-1)  # [B*T]
+    supervised = (shifted_labels.reshape(-1) != IGNORE_INDEX).nonzero(as_tuple=True)[0]  # [N] flat, in order
+    order = torch.argsort(flat_sequence[supervised], stable=True)  # by sequence, positions in order
+    supervised, owner = supervised[order], flat_sequence[supervised][order]  # [N], [N]
+    count = torch.bincount(owner, minlength=int(flat_sequence.max()) + 1)  # [S] supervised positions per sequence
+    first = torch.cumsum(count, 0) - count  # [S] where each sequence's positions start in `supervised`
+    confident, unconfident = pair_index[:, 0], pair_index[:, 1]
+    shortest = torch.minimum(count[confident], count[unconfident])  # [P]
+    pair = torch.repeat_interleave(torch.arange(len(pair_index), device=shortest.device), shortest)  # [M]
+    step = torch.arange(len(pair), device=pair.device) - (torch.cumsum(shortest, 0) - shortest)[pair]  # [M] n
     return MixedPositions(
-        confident=flat_positions(confident_rows),
-        unconfident=flat_positions(unconfident_rows),
-        lam=lam.repeat_interleave(shortest),
+        confident=supervised[first[confident][pair] + step],
+        unconfident=supervised[first[unconfident][pair] + step],
+        lam=lam.to(shortest.device)[pair],
     )
+
+
+def _sequence_numbers(labels: torch.Tensor, sequence: torch.Tensor | None) -> torch.Tensor:
+    """`sequence`, or each position's row when there is none. [B, T] -> [B, T] long"""
+    if sequence is not None:
+        return sequence
+    return torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(labels)
 
 
 def sample_lambda(alpha: float, num_pairs: int, per: str = "pair", seed: Sequence[int] = (0,)) -> torch.Tensor:
@@ -114,15 +125,18 @@ def sftmix_loss_reference(
     ntp_scale: float,
     mixup_scale: float,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sequence: torch.Tensor | None = None,
 ) -> LossTerms:
     """total = ntp_scale * sum_tokens CE + mixup_scale * sum_mixed soft-CE, with full logits.
 
     `head` maps states [N, D] to logits [N, V] (default: `states @ weight.T`); pass the
     model's real head when a non-linearity follows it, since then mixing states and
-    mixing logits differ and the method mixes states.
+    mixing logits differ and the method mixes states. `sequence` [B, T]: each position's
+    sequence number, for padding-free batches (default: its row).
     """
     head = head or (lambda states: states @ weight.T)
     states, targets = shift(hidden, labels)  # [B, T-1, D], [B, T-1]
+    owner = _sequence_numbers(labels, sequence)  # [B, T]
     flat_states = states.reshape(-1, states.size(-1))  # [B*(T-1), D]
     flat_targets = targets.reshape(-1)  # [B*(T-1)]
     supervised = flat_targets != IGNORE_INDEX
@@ -130,12 +144,12 @@ def sftmix_loss_reference(
     token_nll = F.cross_entropy(logits, flat_targets[supervised], reduction="none")  # [N]
     entropy_sum, num_correct = _prediction_stats(logits.detach(), flat_targets[supervised])
     ntp_sum = token_nll.sum()
-    row_nll = torch.zeros(targets.size(0), dtype=token_nll.dtype, device=hidden.device)
-    row_nll.index_add_(0, supervised.view_as(targets).nonzero(as_tuple=True)[0], token_nll.detach())
+    row_nll = torch.zeros(int(owner.max()) + 1, dtype=token_nll.dtype, device=hidden.device)  # [S]
+    row_nll.index_add_(0, owner[:, 1:].reshape(-1)[supervised], token_nll.detach())
     total = ntp_scale * ntp_sum
     mixup_sum, mixup_count = torch.zeros((), device=hidden.device), 0
     if pair_index is not None and len(pair_index) and mixup_scale != 0:
-        mixed = mixed_positions(targets, pair_index, lam)
+        mixed = mixed_positions(targets, pair_index, lam, owner[:, 1:])
         lam_col = mixed.lam[:, None].to(flat_states.dtype)  # [M, 1]
         mixed_states = lam_col * flat_states[mixed.confident] + (1 - lam_col) * flat_states[mixed.unconfident]
         log_probs = F.log_softmax(_at_least_float32(head(mixed_states)), dim=-1)  # [M, V]
@@ -179,14 +193,16 @@ def sftmix_loss_fused(
     ntp_scale: float,
     mixup_scale: float,
     chunk_rows: int | None = None,
+    sequence: torch.Tensor | None = None,
 ) -> LossTerms:
     """Same value and gradients as `sftmix_loss_reference` for a linear head, without full logits."""
     states, targets = shift(hidden, labels)  # [B, T-1, D], [B, T-1]
+    owner = _sequence_numbers(labels, sequence)  # [B, T]
     flat_states = states.reshape(-1, states.size(-1))  # [B*(T-1), D]
     flat_targets = targets.reshape(-1)
     supervised = flat_targets != IGNORE_INDEX
     if pair_index is not None and len(pair_index) and mixup_scale != 0:
-        mixed = mixed_positions(targets, pair_index, lam)
+        mixed = mixed_positions(targets, pair_index, lam, owner[:, 1:])
     else:
         empty = torch.zeros(0, dtype=torch.long, device=hidden.device)
         mixed = MixedPositions(empty, empty, torch.zeros(0, device=hidden.device))
@@ -199,7 +215,8 @@ def sftmix_loss_fused(
         flat_states, weight, flat_targets, mixed.confident, mixed.unconfident, mixed.lam, ntp_only,
         float(ntp_scale), float(mixup_scale), chunk_rows or default_chunk_rows(weight.size(0)),
     )
-    row_nll = position_nll.view_as(targets).sum(dim=1)  # [B]
+    row_nll = torch.zeros(int(owner.max()) + 1, dtype=position_nll.dtype, device=hidden.device)  # [S]
+    row_nll.index_add_(0, owner[:, 1:].reshape(-1), position_nll)
     return LossTerms(total, row_nll.sum(), int(supervised.sum()), row_nll, mixup_sum, len(mixed.lam),
                      stats[0], stats[1])
 

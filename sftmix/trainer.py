@@ -95,6 +95,7 @@ class SFTMixRequest:
     mixup_scale: float
     fused: bool = True
     router_aux: bool = False  # MoE: also return the router load-balancing loss
+    sequence: torch.Tensor | None = None  # [B, T] sequence number of each position (padding-free); None: rows
 
 
 @dataclass
@@ -159,30 +160,35 @@ def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, soft
     if isinstance(weight, DTensor):  # FSDP2 shards the head; the tiles need all of it (as TRL's fused head does)
         weight = weight.full_tensor()
     common = (hidden, labels, weight, request.pair_index, request.lam, request.ntp_scale, request.mixup_scale)
+    sequence = None if request.sequence is None else request.sequence.to(hidden.device)
     if request.fused and linear_head:
-        return sftmix_loss_fused(*common)
+        return sftmix_loss_fused(*common, sequence=sequence)
 
     def head(states: torch.Tensor) -> torch.Tensor:
         logits = lm_head(states)
         return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
-    return sftmix_loss_reference(*common, head=head)
+    return sftmix_loss_reference(*common, head=head, sequence=sequence)
 
 
 # --------------------------------------------------------------------------- trainer
 
 
 # SFTConfig fields that sftmix applies itself before the trainer exists: SFTTrainer would reject our loss
-# types, warn that model_init_kwargs are ignored (we loaded the model with them), and apply the chat
-# template a second time (cloning a tokenizer's template resizes the embeddings again).
-SFTTRAINER_NEUTRAL = {"loss_type": "nll", "model_init_kwargs": None, "chat_template_path": None}
+# types, warn that model_init_kwargs are ignored (we loaded the model with them), apply the chat template
+# a second time (cloning a tokenizer's template resizes the embeddings again), and refuse padding-free
+# batches with a max_length (our examples are already cut to it).
+def _sftmix_handled(args: SFTMixConfig) -> dict:
+    neutral = {"loss_type": "nll", "model_init_kwargs": None, "chat_template_path": None}
+    return neutral | ({"max_length": None} if args.padding_free else {})
 
 
 @contextlib.contextmanager
 def _fields_handled_by_sftmix(args: SFTMixConfig):
-    saved = {name: getattr(args, name) for name in SFTTRAINER_NEUTRAL}
-    for name, neutral in SFTTRAINER_NEUTRAL.items():
-        setattr(args, name, neutral)
+    neutral = _sftmix_handled(args)
+    saved = {name: getattr(args, name) for name in neutral}
+    for name, value in neutral.items():
+        setattr(args, name, value)
     try:
         yield
     finally:
@@ -256,7 +262,8 @@ class SFTMixTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         example_ids = inputs.pop("example_ids", None)
-        request = self._loss_request(inputs["labels"], model.training, num_items_in_batch)
+        sequence = sequence_index(inputs)
+        request = self._loss_request(inputs["labels"], sequence, model.training, num_items_in_batch)
         request.router_aux = self.aux_loss_enabled
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, sftmix=request)
         loss = outputs.loss
@@ -266,19 +273,22 @@ class SFTMixTrainer(SFTTrainer):
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss.to(loss.device) / steps
         self._log_terms(model.training, outputs, _batch_tokens(inputs))
         if self.online_nll is not None and example_ids is not None and model.training:
-            self._record_online_nll(example_ids, inputs["labels"], outputs.row_nll)
+            self._record_online_nll(example_ids, inputs["labels"], sequence, outputs.row_nll)
         if model.training:
             self._micro_batch += 1
         return (loss, outputs) if return_outputs else loss
 
-    def _loss_request(self, labels: torch.Tensor, training: bool, num_items_in_batch) -> SFTMixRequest:
+    def _loss_request(
+        self, labels: torch.Tensor, sequence: torch.Tensor | None, training: bool, num_items_in_batch
+    ) -> SFTMixRequest:
         """Pairs, lambdas and the two normalisers of this micro-batch.
 
         Both terms are per-token means over the whole optimisation step, all ranks and all
         accumulated micro-batches, as if the step were one large batch: NTP divides by the step's
         supervised tokens (`num_items_in_batch`, as SFTTrainer does), Mixup by the step's mixed
         positions. Each rank's loss is multiplied by the number of ranks because DDP, FSDP and
-        DeepSpeed average the ranks' gradients.
+        DeepSpeed average the ranks' gradients. Pairs are formed per sequence, also when a
+        padding-free batch concatenates them in one row (`sequence`).
         """
         mixing = self.mixing and training
         ntp_weight, mixup_weight = self.args.loss_weights if mixing else (1.0, 0.0)
@@ -288,16 +298,17 @@ class SFTMixTrainer(SFTTrainer):
             ntp_denominator = float((shifted != IGNORE_INDEX).sum())
         else:
             ntp_denominator = float(num_items_in_batch) / ranks
-        request = SFTMixRequest(labels, None, None, ntp_weight / max(ntp_denominator, 1), 0.0, self.args.fused_loss)
+        request = SFTMixRequest(labels, None, None, ntp_weight / max(ntp_denominator, 1), 0.0, self.args.fused_loss,
+                                sequence=sequence)
         if mixing:
-            request.pair_index = balanced_pairs(labels.size(0), labels.device)
+            request.pair_index = balanced_pairs(num_sequences(labels, sequence), labels.device)
             request.lam = self._lambdas(len(request.pair_index)).to(labels.device)
             step = self._step
             if step is not None and num_items_in_batch is not None:
                 across = self.args.average_tokens_across_devices
                 mixed_denominator = step.mixed_positions / ranks if across else step.local_mixed_positions
             else:
-                mixed_denominator = count_mixed_positions(shifted, request.pair_index)
+                mixed_denominator = count_mixed_positions(shifted, request.pair_index, _shifted(sequence))
             request.mixup_scale = mixup_weight / max(mixed_denominator, 1)
         return request
 
@@ -345,9 +356,11 @@ class SFTMixTrainer(SFTTrainer):
             metrics["mixup_loss"].append(mixup_sum / max(mixup_count, 1))
             metrics["mixup_lambda"].append(self._global_lambda_mean)
 
-    def _record_online_nll(self, example_ids: list[str], labels: torch.Tensor, row_nll: torch.Tensor) -> None:
+    def _record_online_nll(
+        self, example_ids: list[str], labels: torch.Tensor, sequence: torch.Tensor | None, row_nll: torch.Tensor
+    ) -> None:
         """Each example's response NLL when it is trained on, with the epoch and step of that visit."""
-        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).tolist()
+        counts = supervised_per_sequence(labels, sequence).tolist()
         epoch = int(math.floor(self.state.epoch or 0.0))
         for example_id, nll, count in zip(example_ids, row_nll.tolist(), counts):
             self.online_nll[example_id].append((epoch, self.state.global_step, nll, count))
@@ -389,8 +402,35 @@ class _CollatorWithIds:
         return batch
 
 
+def sequence_index(batch: dict) -> torch.Tensor | None:
+    """Each position's sequence number in a padding-free batch (the sequences of the micro-batch concatenated
+    in one row, position_ids restarting at 0 for each); None for a padded batch, one sequence per row. -> [1, N]"""
+    if "attention_mask" in batch or "position_ids" not in batch:
+        return None
+    starts = batch["position_ids"] == 0
+    return (starts.reshape(-1).cumsum(0) - 1).reshape(starts.shape)
+
+
+def num_sequences(labels: torch.Tensor, sequence: torch.Tensor | None) -> int:
+    return labels.size(0) if sequence is None else int(sequence.max()) + 1
+
+
+def _shifted(sequence: torch.Tensor | None) -> torch.Tensor | None:
+    """The sequence number of each predicted token (aligned with labels[:, 1:])."""
+    return None if sequence is None else sequence[:, 1:]
+
+
+def supervised_per_sequence(labels: torch.Tensor, sequence: torch.Tensor | None) -> torch.Tensor:
+    """Supervised (predicted) tokens of each sequence. [B, T] -> [S]"""
+    shifted = labels[:, 1:] != IGNORE_INDEX
+    if sequence is None:
+        return shifted.sum(dim=1)
+    return torch.bincount(sequence[:, 1:][shifted], minlength=num_sequences(labels, sequence))
+
+
 def balanced_pairs(batch_size: int, device=None) -> torch.Tensor:
-    """(confident row, unconfident row) pairs of a balanced batch: row k with row k + B/2. -> [B/2, 2]"""
+    """(confident, unconfident) pairs of a balanced batch: sequence k with k + B/2 (rows, or the sequences of a
+    padding-free row, which keep the sampler's order). -> [B/2, 2]"""
     rows = torch.arange(batch_size // 2, device=device)
     return torch.stack([rows, rows + batch_size // 2], dim=1)
 
@@ -409,17 +449,26 @@ def _step_counts(batch_samples: list[dict], mixing: bool, device) -> StepCounts:
     ntp_tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in batch_samples)
     mixed = 0
     if mixing:
-        mixed = sum(
-            count_mixed_positions(batch["labels"][:, 1:], balanced_pairs(len(batch["labels"])))
-            for batch in batch_samples
-        )
+        mixed = sum(_mixed_in_batch(batch) for batch in batch_samples)
     all_tokens, all_mixed = distributed.sum_over_ranks([ntp_tokens, mixed], device)
     return StepCounts(all_tokens, all_mixed, float(mixed), max(len(batch_samples), 1))
 
 
-def count_mixed_positions(shifted_labels: torch.Tensor, pair_index: torch.Tensor) -> int:
+def _mixed_in_batch(batch: dict) -> int:
+    labels, sequence = batch["labels"], sequence_index(batch)
+    pairs = balanced_pairs(num_sequences(labels, sequence))
+    return count_mixed_positions(labels[:, 1:], pairs, _shifted(sequence))
+
+
+def count_mixed_positions(
+    shifted_labels: torch.Tensor, pair_index: torch.Tensor, shifted_sequence: torch.Tensor | None = None
+) -> int:
     """sum over pairs of min(|Y_c|, |Y_u|): the number of Mixup positions. [B, T], [P, 2] -> int"""
-    count = (shifted_labels != IGNORE_INDEX).sum(dim=1)  # [B]
+    supervised = shifted_labels != IGNORE_INDEX
+    if shifted_sequence is None:
+        count = supervised.sum(dim=1)  # [B]
+    else:
+        count = torch.bincount(shifted_sequence[supervised], minlength=int(pair_index.max()) + 1)  # [S]
     return int(torch.minimum(count[pair_index[:, 0]], count[pair_index[:, 1]]).sum())
 
 

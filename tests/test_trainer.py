@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from sftmix import trainer as trainer_module
 from sftmix.config import SFTMixConfig
 from sftmix.data import build_dataset, read_confidence
-from sftmix.losses import sftmix_loss_reference
+from sftmix.losses import mixed_positions, sftmix_loss_reference
 from sftmix.pipeline import train
 from sftmix.trainer import BalancedBatchSampler, SFTMixTrainer
 
@@ -271,3 +271,71 @@ def test_eval_strategy_without_eval_set_says_what_to_give(tiny_model_dir, tiny_d
                          loss_type="ntp", eval_strategy="steps", eval_steps=1)
     with pytest.raises(InputError, match="--eval_dataset_path"):
         train(config)
+
+
+# --------------------------------------------------------------------------- padding-free
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_free_sequences_do_not_attend_to_each_other(tiny_model_dir, attention):
+    """Concatenated sequences with restarting position_ids: each one's states equal those it has alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    first, second = torch.randint(3, 200, (1, 7)), torch.randint(3, 200, (1, 5))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():  # no cache: as in training (a cache turns the packed-sequence mask off)
+        together = model.model(input_ids=packed, position_ids=positions, use_cache=False).last_hidden_state
+        alone = [model.model(input_ids=ids, use_cache=False).last_hidden_state for ids in (first, second)]
+        other_first = torch.cat([torch.randint(3, 200, (1, 7)), second], dim=1)
+        changed = model.model(input_ids=other_first, position_ids=positions, use_cache=False).last_hidden_state
+    torch.testing.assert_close(together[:, :7], alone[0])
+    torch.testing.assert_close(together[:, 7:], alone[1])
+    torch.testing.assert_close(changed[:, 7:], together[:, 7:])  # the first sequence does not leak into the second
+
+
+def test_padding_free_loss_equals_padded_computation(tiny_model_dir, tiny_data, tokenizer, tmp_path, monkeypatch):
+    """One padding-free micro-batch (B sequences in one row): pairs per sequence, Mixup aligned per sequence.
+    Independent: the same examples padded, the model's own hidden states, the reference loss over rows."""
+    from sftmix.dynamics import pad_batch
+
+    trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path, padding_free=True)
+    fixed_lambda = torch.tensor([0.3, 0.9])
+    monkeypatch.setattr(trainer_module, "sample_lambda", lambda alpha, n, per, seed: fixed_lambda)
+    indices = next(iter(trainer.get_train_dataloader().batch_sampler))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in indices])
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # really padding-free
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    packed_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    padded = pad_batch(trainer.train_dataset, indices, tokenizer.pad_token_id, "cpu")
+    outputs = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], output_hidden_states=True)
+    labels, pairs = padded["labels"], torch.tensor([[0, 2], [1, 3]])  # rows: confident first, as sampled
+    tokens, mixed = int((labels[:, 1:] != -100).sum()), len(mixed_positions(labels[:, 1:], pairs, fixed_lambda).lam)
+    expected = sftmix_loss_reference(outputs.hidden_states[-1], labels, model.lm_head.weight, pairs, fixed_lambda,
+                                     1.0 / tokens, 0.2 / mixed).total
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(packed_grad, model.model.layers[0].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_padding_free_training_logs_the_padded_step_losses(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    """Three optimisation steps of 2 accumulated micro-batches: the same logged losses padded and padding-free."""
+    def logged(padding_free):
+        trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path / str(padding_free),
+                               padding_free=padding_free, gradient_accumulation_steps=2)
+        trainer.train()
+        return [(e["loss"], e["ntp_loss"], e["mixup_loss"]) for e in trainer.state.log_history if "ntp_loss" in e]
+
+    padded, packed = logged(False), logged(True)
+    assert len(padded) == 3
+    for padded_step, packed_step in zip(padded, packed):
+        assert packed_step == pytest.approx(padded_step, rel=1e-4)
+
+
+def test_packing_is_refused_with_the_alternative(tmp_path):
+    from sftmix.errors import InputError
+
+    with pytest.raises(InputError, match="--padding_free true"):
+        make_config(tmp_path, packing=True)
