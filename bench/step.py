@@ -144,7 +144,6 @@ def training_steps(args, rows: dict) -> dict:
         save_strategy="no", report_to=[], logging_steps=total, max_length=args.seq_len, disable_tqdm=True,
         dataloader_pin_memory=False, use_cpu=not torch.cuda.is_available(), seed=0,
     )
-    model = load_model(args.model)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -165,15 +164,17 @@ def training_steps(args, rows: dict) -> dict:
     if args.worker == "trl":
         from trl import SFTConfig, SFTTrainer
 
-        trainer = SFTTrainer(model, args=SFTConfig(**settings), train_dataset=dataset.remove_columns("id"),
-                             processing_class=tokenizer, callbacks=[timer])
+        trainer = SFTTrainer(load_model(args.model), args=SFTConfig(**settings),
+                             train_dataset=dataset.remove_columns("id"), processing_class=tokenizer, callbacks=[timer])
     else:
         from sftmix.config import SFTMixConfig
+        from sftmix.model import training_init_kwargs
         from sftmix.trainer import SFTMixTrainer
 
         loss_type = "ntp" if args.worker.startswith("ntp") else "sftmix"
         config = SFTMixConfig(**settings, loss_type=loss_type, fused_loss=args.worker != "plain",
                               padding_free=args.worker.endswith("_pf"))
+        model = load_model(args.model, **training_init_kwargs(config))  # as `sftmix train` loads it
         groups = {example_id: ("confident" if i % 2 else "unconfident") for i, example_id in enumerate(rows["id"])}
         trainer = SFTMixTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                 groups=groups if loss_type != "ntp" else None, callbacks=[timer])

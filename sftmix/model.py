@@ -156,6 +156,8 @@ def training_init_kwargs(config) -> dict[str, Any]:
     if config.model_revision != "main":
         kwargs["revision"] = config.model_revision
     kwargs.update(config.model_init_kwargs or {})
+    if config.padding_free and kwargs.get("attn_implementation") in (None, "sdpa"):
+        kwargs["attn_implementation"] = register_varlen_attention()  # SDPA per sequence, see varlen_sdpa_attention
     quantization = quantization_config(config, kwargs["dtype"])
     if quantization is not None:
         from accelerate import PartialState
@@ -163,6 +165,43 @@ def training_init_kwargs(config) -> dict[str, Any]:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": PartialState().local_process_index}
     return kwargs
+
+
+VARLEN_ATTENTION = "sftmix_varlen_sdpa"
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA over each sequence of a padding-free batch on its own, as FlashAttention's varlen kernels do.
+
+    A padding-free row concatenates the micro-batch's sequences; `cu_seq_lens_q` (from TRL's collator)
+    marks their bounds. Plain SDPA would score the whole row against a block-causal mask: (sum T_i)^2
+    scores, most of them masked. Attending within each sequence costs sum T_i^2 and gives the same
+    result. Anything else (padded batches, generation) goes to transformers' SDPA unchanged.
+    query [1, H, N, d] -> output [1, N, H, d]
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    if bounds is None or query.size(0) != 1 or query.size(2) != key.size(2):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    edges = bounds.tolist()
+    pieces = [
+        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
+                               dropout, scaling, is_causal=True)[0]
+        for start, end in zip(edges[:-1], edges[1:])
+    ]
+    return torch.cat(pieces, dim=1), None
+
+
+def register_varlen_attention() -> str:
+    """Make `attn_implementation=VARLEN_ATTENTION` available (SDPA's masks for padded batches)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    return VARLEN_ATTENTION
 
 
 def quantization_config(config, compute_dtype: str | None):

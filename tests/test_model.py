@@ -152,3 +152,15 @@ def test_qlora_4bit_trains_and_saves_a_merged_model(tiny_model_dir, tiny_data, t
     assert (output / "adapter" / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(output)
     assert merged.dtype == torch.float32 and not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_padding_free_uses_per_sequence_sdpa_unless_told_otherwise(tmp_path):
+    from sftmix.model import VARLEN_ATTENTION
+
+    def attention(**overrides):
+        config = SFTMixConfig(output_dir=str(tmp_path), use_cpu=True, padding_free=True, **overrides)
+        return training_init_kwargs(config)["attn_implementation"]
+
+    assert attention() == attention(attn_implementation="sdpa") == VARLEN_ATTENTION
+    assert attention(attn_implementation="eager") == "eager"
+    assert attention(attn_implementation="flash_attention_2") == "flash_attention_2"

@@ -276,21 +276,30 @@ def test_eval_strategy_without_eval_set_says_what_to_give(tiny_model_dir, tiny_d
 # --------------------------------------------------------------------------- padding-free
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "varlen"])
 def test_padding_free_sequences_do_not_attend_to_each_other(tiny_model_dir, attention):
-    """Concatenated sequences with restarting position_ids: each one's states equal those it has alone."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
+    """Concatenated sequences with restarting position_ids (and TRL's cu_seq_lens): each one's states equal
+    those it has alone, with transformers' block-causal mask (sdpa, eager) or sftmix's per-sequence SDPA."""
+    from sftmix.model import register_varlen_attention
+
+    implementation = register_varlen_attention() if attention == "varlen" else attention
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=implementation).eval()
     first, second = torch.randint(3, 200, (1, 7)), torch.randint(3, 200, (1, 5))
     packed = torch.cat([first, second], dim=1)
-    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    boundaries = dict(position_ids=torch.cat([torch.arange(7), torch.arange(5)])[None], use_cache=False,
+                      cu_seq_lens_q=torch.tensor([0, 7, 12], dtype=torch.int32))
     with torch.no_grad():  # no cache: as in training (a cache turns the packed-sequence mask off)
-        together = model.model(input_ids=packed, position_ids=positions, use_cache=False).last_hidden_state
+        together = model.model(input_ids=packed, **boundaries).last_hidden_state
         alone = [model.model(input_ids=ids, use_cache=False).last_hidden_state for ids in (first, second)]
         other_first = torch.cat([torch.randint(3, 200, (1, 7)), second], dim=1)
-        changed = model.model(input_ids=other_first, position_ids=positions, use_cache=False).last_hidden_state
+        changed = model.model(input_ids=other_first, **boundaries).last_hidden_state
     torch.testing.assert_close(together[:, :7], alone[0])
     torch.testing.assert_close(together[:, 7:], alone[1])
     torch.testing.assert_close(changed[:, 7:], together[:, 7:])  # the first sequence does not leak into the second
+    padded = torch.cat([second, torch.zeros(1, 2, dtype=torch.long)], dim=1)  # a padded batch: plain SDPA + mask
+    with torch.no_grad():
+        masked = model.model(input_ids=padded, attention_mask=torch.tensor([[1] * 5 + [0] * 2]), use_cache=False)
+    torch.testing.assert_close(masked.last_hidden_state[:, :5], alone[1])
 
 
 def test_padding_free_loss_equals_padded_computation(tiny_model_dir, tiny_data, tokenizer, tmp_path, monkeypatch):
@@ -320,18 +329,22 @@ def test_padding_free_loss_equals_padded_computation(tiny_model_dir, tiny_data, 
     torch.testing.assert_close(packed_grad, model.model.layers[0].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_padding_free_training_logs_the_padded_step_losses(tiny_model_dir, tiny_data, tokenizer, tmp_path):
-    """Three optimisation steps of 2 accumulated micro-batches: the same logged losses padded and padding-free."""
+def test_padding_free_training_logs_the_padded_step_losses(tiny_model_dir, tiny_data, tmp_path):
+    """`sftmix train --padding_free true` (per-sequence SDPA) vs padded: three optimisation steps of 2 accumulated
+    micro-batches log the same losses, and the saved model loads with the standard attention."""
     def logged(padding_free):
-        trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path / str(padding_free),
-                               padding_free=padding_free, gradient_accumulation_steps=2)
-        trainer.train()
-        return [(e["loss"], e["ntp_loss"], e["mixup_loss"]) for e in trainer.state.log_history if "ntp_loss" in e]
+        config = make_config(tmp_path, output_dir=str(tmp_path / str(padding_free)), padding_free=padding_free,
+                             gradient_accumulation_steps=2, model_name_or_path=str(tiny_model_dir),
+                             dataset_path=str(tiny_data[0]), confidence_path=str(tiny_data[1]), max_length=64)
+        history = json.loads((train(config) / "trainer_state.json").read_text())["log_history"]
+        return [(e["loss"], e["ntp_loss"], e["mixup_loss"]) for e in history if "ntp_loss" in e]
 
     padded, packed = logged(False), logged(True)
     assert len(padded) == 3
     for padded_step, packed_step in zip(padded, packed):
         assert packed_step == pytest.approx(padded_step, rel=1e-4)
+    assert "sftmix" not in (tmp_path / "True" / "config.json").read_text()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "True")
 
 
 def test_packing_is_refused_with_the_alternative(tmp_path):
@@ -339,3 +352,21 @@ def test_packing_is_refused_with_the_alternative(tmp_path):
 
     with pytest.raises(InputError, match="--padding_free true"):
         make_config(tmp_path, packing=True)
+
+
+def test_padding_free_online_nll_is_recorded_per_example(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    """Online dynamics: each example's response NLL and token count, padding-free as padded."""
+    def records(padding_free):
+        dataset, _ = build_dataset(tiny_data[0], tokenizer, max_length=64)
+        config = make_config(tmp_path / str(padding_free), loss_type="ntp", padding_free=padding_free, max_steps=2)
+        trainer = SFTMixTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=config,
+                                train_dataset=dataset, processing_class=tokenizer, record_nll=True)
+        trainer.train()
+        return trainer.online_nll
+
+    padded, packed = records(False), records(True)
+    assert sorted(packed) == sorted(padded) and len(padded) == 8  # 2 steps x 4 examples
+    for example_id, visits in padded.items():
+        (epoch, step, nll, count), = visits
+        assert packed[example_id][0][:2] == (epoch, step) and packed[example_id][0][3] == count
+        assert packed[example_id][0][2] == pytest.approx(nll, rel=1e-4)
