@@ -205,10 +205,12 @@ def assert_sharded_checkpoint_is_scored(checkpoint: Path, shards: str, tiny_mode
 ])
 def test_lora_is_merged_from_the_whole_adapter(engine, config, tiny_model_dir, tiny_data, tmp_path):
     """The merge used to run on rank 0's shards: [0]-shaped tensors under ZeRO-3, a crash under FSDP2."""
-    lora = ["--use_peft", "true", "--lora_r", "4", "--learning_rate", "1e-2"]
+    # No LoRA dropout (TRL's default is 0.05): its masks are drawn per process, so 1 and 2 processes would differ.
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_dropout", "0", "--learning_rate", "1e-2"]
     launch(config, train_flags(tiny_model_dir, tiny_data, 4, "two", *lora), tmp_path)
     assert_ran_as(tmp_path / "two", engine)
-    one = one_process(tiny_model_dir, tiny_data, tmp_path, "one", use_peft=True, lora_r=4, learning_rate=1e-2)
+    one = one_process(tiny_model_dir, tiny_data, tmp_path, "one", use_peft=True, lora_r=4, lora_dropout=0.0,
+                      learning_rate=1e-2)
     assert_same_weights(tmp_path / "two", one)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
