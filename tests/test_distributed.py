@@ -10,6 +10,7 @@ launch.json / dynamics.json that 2 processes ran, in one process group, under th
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -42,12 +43,20 @@ def launch(config: str, command: list[str], cwd: Path, *launch_flags: str, env: 
                    "PYTHONPATH": str(CPU_LAUNCH), "SFTMIX_TEST_FSDP2_ON_CPU": "1" if config == "fsdp2" else "0",
                    **(env or {})}
     args = [accelerate, "launch", "--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-            "--mixed_precision", "no", *launch_flags, "-m", "sftmix.cli", *command]
+            "--mixed_precision", "no", "--main_process_port", str(free_port()), *launch_flags, "-m", "sftmix.cli",
+            *command]
     result = subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
+
+
+def free_port() -> int:
+    """A port no other job on this machine listens on (the default 29500 collides with concurrent launches)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def train_flags(tiny_model_dir, tiny_data, per_device_batch: int, output_dir: str, *more: str) -> list[str]:
