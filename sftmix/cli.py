@@ -50,18 +50,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(config_class, prog: str, argv: list[str]):
+    """The command's config from flags and --config YAML; an unreadable or invalid config is an InputError."""
+    import yaml
     from trl import TrlParser
 
     from .errors import InputError
 
     try:
         (config,) = TrlParser((config_class,), prog=prog).parse_args_and_config(argv)
-    except ValueError as err:  # TrlParser's message for YAML keys that no field takes
-        if "Unknown arguments from config file" not in str(err):
-            raise
-        unknown = str(err).split(": ", 1)[1].split(". Please", 1)[0]
-        raise InputError(f"the config file has keys that {prog} does not take: {unknown}. `{prog} --help` lists "
-                         "them; the README maps `trl sft` options to sftmix") from err
+    except InputError:
+        raise
+    except ValueError as err:
+        if "Unknown arguments from config file" in str(err):  # TrlParser's message for YAML keys no field takes
+            unknown = str(err).split(": ", 1)[1].split(". Please", 1)[0]
+            raise InputError(f"the config file has keys that {prog} does not take: {unknown}. `{prog} --help` lists "
+                             "them; the README maps `trl sft` options to sftmix") from err
+        raise InputError(f"invalid configuration: {err}") from err  # a value Trainer or TRL refuses
+    except (OSError, TypeError, yaml.YAMLError) as err:  # a missing or unreadable YAML
+        raise InputError(f"invalid configuration: {type(err).__name__}: {err}") from err
     return config
 
 
@@ -108,14 +114,16 @@ def _eval(argv: list[str]) -> int:
 
 
 def _compare_splits(argv: list[str]) -> int:
+    from .data import read_confidence
     from .dynamics import split_agreement
-    from .files import read_jsonl
 
     parser = argparse.ArgumentParser(prog="sftmix compare-splits")
     parser.add_argument("first")
     parser.add_argument("second")
     args = parser.parse_args(argv)
-    agreement = split_agreement(read_jsonl(args.first), read_jsonl(args.second))
+    first, second = ([{"id": key, "group": group} for key, group in read_confidence(path).items()]
+                     for path in (args.first, args.second))
+    agreement = split_agreement(first, second)
     print(f"split agreement: {agreement:.4f} of shared examples in the same group")
     return 0
 

@@ -6,12 +6,33 @@ Every field is also a CLI flag (`sftmix train --mixup_weight 0.2`) and a YAML ke
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
 from . import distributed
 from .errors import InputError
+
+# Numeric options are checked when the config is made (at start-up, before any data or model is loaded).
+RANGES = {
+    "positive": (lambda value: math.isfinite(value) and value > 0, "a finite number > 0"),
+    "non_negative": (lambda value: math.isfinite(value) and value >= 0, "a finite number >= 0"),
+    "fraction": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
+    "unit": (lambda value: 0 <= value <= 1, "between 0 and 1"),
+}
+
+
+def check_ranges(config, rules: dict[str, str]) -> None:
+    """rules: field -> a RANGES name; a trailing '?' allows None (unset)."""
+    for name, rule in rules.items():
+        value = getattr(config, name)
+        optional = rule.endswith("?")
+        if value is None and optional:
+            continue
+        test, requirement = RANGES[rule.rstrip("?")]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+            raise InputError(f"--{name} must be {requirement}{' (or unset)' if optional else ''}, got {value!r}")
 
 LOSS_TYPES = ("sftmix", "ntp", "equal", "mixup_only")
 
@@ -166,8 +187,17 @@ class SFTMixConfig(SFTConfig):
                              f"{self.loss_type!r}")
         if self.mixup_lambda_per not in ("pair", "batch"):
             raise InputError(f"mixup_lambda_per must be 'pair' or 'batch', got {self.mixup_lambda_per!r}")
-        if self.mixup_alpha <= 0:
-            raise InputError(f"mixup_alpha must be > 0, got {self.mixup_alpha}")
+        check_ranges(self, {
+            "mixup_alpha": "positive", "mixup_weight": "non_negative", "max_length": "positive?",
+            "max_examples": "positive?", "lora_r": "positive", "lora_alpha": "positive",
+            "learning_rate": "non_negative", "weight_decay": "non_negative", "warmup_ratio": "unit",
+            "max_grad_norm": "non_negative", "per_device_train_batch_size": "positive",
+            "gradient_accumulation_steps": "positive", "logging_steps": "positive", "save_steps": "positive",
+        })
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise InputError(f"--max_steps must be > 0 (or -1: train num_train_epochs), got {self.max_steps}")
+        if self.max_steps == -1:
+            check_ranges(self, {"num_train_epochs": "positive"})
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self._apply_trl_names()
         if self.packing:
@@ -253,10 +283,8 @@ class _DynamicsFields:
     )
 
     def _check_dynamics_fields(self) -> None:
-        if not 0 < self.split_ratio < 1:
-            raise InputError(f"split_ratio must be in (0, 1), got {self.split_ratio}")
-        if self.num_checkpoints < 1:
-            raise InputError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+        check_ranges(self, {"split_ratio": "fraction", "num_checkpoints": "positive",
+                            "scoring_batch_tokens": "positive"})
         if self.online and self.checkpoints:
             raise InputError("--online records NLL while training a reference model; it cannot use --checkpoints")
 
@@ -312,8 +340,10 @@ class RunConfig(_DynamicsFields, SFTMixConfig):
     def __post_init__(self):
         super().__post_init__()
         self._check_dynamics_fields()
-        if not 0 < self.eval_fraction < 1:
-            raise InputError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        check_ranges(self, {"eval_fraction": "fraction", "dynamics_epochs": "positive", "num_generations": "positive",
+                            "max_new_tokens": "positive", "num_confidence_examples": "positive"})
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise InputError(f"--seeds must be distinct (each trains one SFTMix/NTP pair), got {self.seeds}")
 
 
 @dataclass
@@ -348,3 +378,11 @@ class EvalConfig:
                                                                             "float16"]},
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel (sdpa, eager, ...)."})
+
+    def __post_init__(self):
+        check_ranges(self, {"max_length": "positive", "max_examples": "positive?", "num_generations": "positive?",
+                            "max_new_tokens": "positive", "batch_size": "positive", "scoring_batch_tokens": "positive",
+                            "confidence_max_examples": "positive?"})
+        if not (self.dataset or self.prompts or self.confidence_dataset):
+            raise InputError("nothing to evaluate: give --dataset (NLL), --prompts (generation) and/or "
+                             "--confidence_dataset (confidence spread)")

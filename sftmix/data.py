@@ -68,7 +68,9 @@ class DataReport:
     dropped_no_supervised_tokens: list[str] = field(default_factory=list)
     dropped_unparsable_tail: str | None = None  # description of a cut-off JSON file tail
     skipped_records: dict[str, int] = field(default_factory=dict)  # reason -> count (incl. kept fixes)
-    fingerprint: str = ""  # hash of the kept examples' ids and messages: tokenizer-independent
+    fingerprint: str = ""  # hash of the kept examples' ids and messages (which are kept depends on the tokenizer)
+    source_fingerprint: str = ""  # hash of every record read (own ids and messages): tokenizer-independent
+    unused_confidence_ids: int = 0  # ids of the confidence file with no example here (ignored)
 
     def skip(self, reason: str) -> None:
         self.skipped_records[reason] = self.skipped_records.get(reason, 0) + 1
@@ -110,11 +112,17 @@ def default_dataset_path() -> Path:
     )
 
 
+LOCAL_FORMATS = (".json", ".jsonl", ".parquet")
+
+
 def load_records(path: str | Path, split: str = "train") -> tuple[list[Record], DataReport]:
     """Read `.json`, `.jsonl` or `.parquet`, or a Hugging Face dataset name."""
     path_str = str(path)
     report = DataReport(source=path_str)
     local = Path(path_str)
+    if local.suffix in LOCAL_FORMATS and not local.is_file():
+        kind = "a directory, not a file" if local.is_dir() else "no such file"
+        raise DataError(f"{local}: {kind}; check the dataset path (resolved: {local.resolve()})")
     if local.suffix == ".jsonl":
         records = list(_read_jsonl(local))
     elif local.suffix == ".json":
@@ -129,9 +137,28 @@ def load_records(path: str | Path, split: str = "train") -> tuple[list[Record], 
     return records, report
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _decode(raw: bytes, path: Path, line_number: int) -> str:
+    """UTF-8 text of one line (or file), or an error naming the line and the offending byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_number += raw.count(b"\n", 0, err.start)
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> Iterable[Record]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
+            line = _decode(raw, path, line_number)
             if not line.strip():
                 continue
             try:
@@ -144,38 +171,85 @@ def _read_jsonl(path: Path) -> Iterable[Record]:
 
 
 def _read_json_array(path: Path, report: DataReport) -> list[Record]:
-    """Read a JSON array of objects, keeping every complete object of a file cut off mid-way.
+    """Read a JSON array of objects, keeping every complete object of a file cut off at its end.
 
-    Real dumps (ShareGPT V3 among them) are sometimes truncated. We decode object by
-    object; when decoding fails we keep what was complete and record what was lost.
+    Real dumps (ShareGPT V3 among them) are sometimes truncated: when the text simply
+    ends inside an object (or before the closing ']'), the complete objects are kept and
+    the lost tail is reported. Any other syntax error, a second array or trailing text is
+    an error with its line: silently dropping the rest of a file is never an option.
     """
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    text = _decode(raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw, path, 1)
     decoder = json.JSONDecoder()
     position = _skip_space(text, 0)
-    if position >= len(text) or text[position] != "[":
-        raise DataError(f"{path}: expected a JSON array of objects at line 1")
+    if not text.startswith("[", position):
+        raise DataError(f"{path}:1: expected a JSON array of objects (for one object per line, name the file .jsonl)")
     position = _skip_space(text, position + 1)
     records: list[Record] = []
-    while position < len(text) and text[position] != "]":
+    while True:
+        if position >= len(text):
+            report.dropped_unparsable_tail = (
+                f"{path.name}: the JSON array is not closed (file cut off after its last complete object); "
+                f"kept the {len(records)} complete objects"
+            )
+            logger.warning(report.dropped_unparsable_tail)
+            break
+        if text[position] == "]":
+            _check_nothing_after(text, position + 1, path)
+            break
         try:
             data, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as err:
-            line = text.count("\n", 0, position) + 1
+            if not _cut_off_at_end(text, err):
+                raise DataError(
+                    f"{path}:{err.lineno}: invalid JSON in object #{len(records)} ({err.msg} at column {err.colno}); "
+                    "fix the file (only a file cut off at its end keeps its complete objects)"
+                ) from err
             report.dropped_unparsable_tail = (
-                f"{path.name}: object #{len(records)} from line {line} does not parse ({err.msg}); "
+                f"{path.name}: object #{len(records)} from line {_line(text, position)} does not parse ({err.msg}); "
                 f"kept the {len(records)} complete objects before it, dropped the last "
                 f"{len(text) - position} characters"
             )
             logger.warning(report.dropped_unparsable_tail)
             break
         if not isinstance(data, dict):
-            line = text.count("\n", 0, position) + 1
-            raise DataError(f"{path}:{line}: expected a JSON object, got {type(data).__name__}")
+            raise DataError(f"{path}:{_line(text, position)}: expected a JSON object, got {type(data).__name__}")
         records.append(Record(data, f"{path.name}[{len(records)}]"))
         position = _skip_space(text, end)
         if position < len(text) and text[position] == ",":
             position = _skip_space(text, position + 1)
+        elif position < len(text) and text[position] != "]":
+            raise DataError(f"{path}:{_line(text, position)}: expected ',' or ']' after object #{len(records) - 1}, "
+                            f"found {text[position:position + 20]!r}")
     return records
+
+
+# What a JSON value looks like when the text stops inside it: a literal, a number or a \u escape cut short.
+_CUT_SHORT_VALUE = re.compile(
+    r"t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?"  # true, false, null
+    r"|-?\d*(\.\d*)?([eE][-+]?\d*)?"  # a number
+    r"|\\?(u[0-9a-fA-F]{0,4})?"  # a \uXXXX escape
+)
+
+
+def _cut_off_at_end(text: str, err: json.JSONDecodeError) -> bool:
+    """True when decoding failed only because the text ends (a file cut off mid-object), not on a syntax error."""
+    if err.msg.startswith("Unterminated string"):  # no closing quote before the end of the file
+        return True
+    return _CUT_SHORT_VALUE.fullmatch(text[err.pos:].strip()) is not None
+
+
+def _check_nothing_after(text: str, position: int, path: Path) -> None:
+    position = _skip_space(text, position)
+    if position < len(text):
+        raise DataError(
+            f"{path}:{_line(text, position)}: unexpected text after the JSON array ({text[position:position + 20]!r}); "
+            "a .json file holds one array of objects (two arrays: merge them, or use .jsonl)"
+        )
+
+
+def _line(text: str, position: int) -> int:
+    return text.count("\n", 0, position) + 1
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -187,7 +261,10 @@ def _skip_space(text: str, position: int) -> int:
 def _read_parquet(path: Path) -> list[Record]:
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from err
     return [Record(row, f"{path.name}[{index}]") for index, row in enumerate(rows)]
 
 
@@ -567,16 +644,15 @@ def build_dataset(
     tokenizer (vocabulary, merges, chat template), max_length, truncation and max_examples,
     because every stage of a run tokenises the same data (SFTMIX_NO_CACHE=1 turns this off).
     """
-    import datasets
 
     source = path if path is not None else default_dataset_path()
     if truncation not in TRUNCATION_MODES:
         raise InputError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     cached = _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, truncation)
     if cached is not None and (cached / "report.json").exists():
-        report = DataReport(**json.loads((cached / "report.json").read_text()))
-        logger.info("Tokenised data from cache %s", cached)
-        return datasets.load_from_disk(str(cached / "dataset")), report
+        hit = _load_cached(cached)
+        if hit is not None:
+            return hit
     dataset, report = _tokenize_records(source, tokenizer, max_length, max_examples, split, truncation)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -590,7 +666,7 @@ def build_dataset(
     return dataset, report
 
 
-TOKENIZATION_VERSION = 2  # part of the cache key: bump when tokenisation or filtering changes
+TOKENIZATION_VERSION = 3  # part of the cache key: bump when tokenisation or filtering changes
 
 
 def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, truncation="turns") -> Path | None:
@@ -598,12 +674,56 @@ def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, tru
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if os.environ.get("SFTMIX_NO_CACHE") == "1" or backend is None or not Path(str(source)).is_file():
         return None
+    # The resolved path and the suffix (which picks the reader) belong to the key: the same bytes under
+    # another name are another file, maybe another format, and the report must name the file read.
+    resolved = Path(str(source)).resolve()
     key = hashlib.sha256(json.dumps([
-        TOKENIZATION_VERSION, file_hash(source), split, max_length, truncation, max_examples,
+        TOKENIZATION_VERSION, file_hash(source), str(resolved), resolved.suffix, split, max_length, truncation,
+        max_examples,
         type(tokenizer).__name__, tokenizer.chat_template,
         hashlib.sha256(backend.to_str().encode()).hexdigest(),
     ]).encode()).hexdigest()[:24]
     return cache_root() / "tokenized" / key[:2] / key
+
+
+def _load_cached(cached: Path):
+    """(dataset, report) from a cache entry; None (and the entry removed) when it is damaged."""
+    import datasets
+
+    try:
+        report = DataReport(**json.loads((cached / "report.json").read_text()))
+        dataset = datasets.load_from_disk(str(cached / "dataset"))
+        if len(dataset) != report.num_examples or dataset[len(dataset) - 1]["id"] is None:
+            raise ValueError(f"{len(dataset)} rows cached, {report.num_examples} expected")
+    except Exception as err:  # disk full, a killed copy, a hand edit: tokenise again rather than fail every run
+        logger.warning("Tokenised-data cache entry %s is damaged (%s: %.200s); it is removed and rebuilt",
+                       cached, type(err).__name__, err)
+        shutil.rmtree(cached, ignore_errors=True)
+        return None
+    logger.info("Tokenised data from cache %s", cached)
+    return dataset, report
+
+
+class UniqueIds:
+    """Makes repeated ids unique with the first free `#k` suffix (k = 2, 3, ... in file order, hence stable).
+
+    The suffix skips every id already taken, also ids that carry a `#k` of their own (`x#2, x, x`
+    gives `x#2, x, x#3`), so an id is never used twice.
+    """
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+        self.next_suffix: dict[str, int] = {}
+
+    def claim(self, identifier: str) -> str:
+        if identifier in self.taken:
+            suffix = self.next_suffix.get(identifier, 2)
+            while f"{identifier}#{suffix}" in self.taken:
+                suffix += 1
+            self.next_suffix[identifier] = suffix + 1
+            identifier = f"{identifier}#{suffix}"
+        self.taken.add(identifier)
+        return identifier
 
 
 def _tokenize_records(source, tokenizer, max_length, max_examples, split, truncation):
@@ -615,19 +735,18 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
         records = records[:max_examples]
         report.source += f" (first {max_examples} records)"
     rows: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
-    seen_ids: dict[str, int] = {}
-    fingerprint = hashlib.sha256()
+    unique_ids = UniqueIds()
+    fingerprint, source_fingerprint = hashlib.sha256(), hashlib.sha256()
     for record in tqdm(records, desc="Tokenising", unit="ex", mininterval=2):
         messages = to_messages(record)
+        source_fingerprint.update(json.dumps([record.data.get("id"), messages], ensure_ascii=False).encode("utf-8"))
         if not any(messages[i]["content"] for i in supervised_turns(messages)):
             report.skip("no assistant reply to a user turn")
             continue
-        identifier = example_id(record, messages)
-        if identifier in seen_ids:
-            seen_ids[identifier] += 1
-            identifier = f"{identifier}#{seen_ids[identifier]}"
+        own_id = example_id(record, messages)
+        identifier = unique_ids.claim(own_id)
+        if identifier != own_id:
             report.skip("repeated id, made unique with a #k suffix (kept)")
-        seen_ids.setdefault(identifier, 1)
         try:
             tokens = tokenize_conversation(messages, tokenizer, max_length, truncation)
         except (TemplateError, TemplateMismatch) as err:
@@ -643,6 +762,7 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
         rows["labels"].append(tokens["labels"])
     report.num_examples = len(rows["id"])
     report.fingerprint = fingerprint.hexdigest()[:16]
+    report.source_fingerprint = source_fingerprint.hexdigest()[:16]
     if not rows["id"]:
         raise DataError(f"{report.source}: no usable example ({report.summary()})")
     return datasets.Dataset.from_dict(rows), report
@@ -671,8 +791,8 @@ def read_confidence(path: str | Path) -> dict[str, str]:
     """id -> group from a confidence JSONL (`sftmix dynamics` writes it; more fields are allowed)."""
     groups: dict[str, str] = {}
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such confidence file; make one with `sftmix dynamics`")
+    if not path.is_file():
+        raise DataError(f"{path}: no such confidence file; make one with `sftmix dynamics`")
     for record in _read_jsonl(path):
         identifier, group = record.data.get("id"), record.data.get("group")
         if identifier is None or group not in CONFIDENCE_GROUPS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from . import distributed
+from .errors import InputError
 from .files import write_atomic
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
@@ -38,6 +40,31 @@ class CheckpointScores:
     @property
     def perplexities(self) -> list[float]:
         return [math.exp(nll / max(count, 1)) for nll, count in zip(self.nll_sum, self.num_tokens)]
+
+
+MAX_MEAN_NLL = math.log(sys.float_info.max)  # exp() of a larger mean NLL overflows a float (~709.8)
+
+
+def unusable_examples(ids: list[str], nll_sum: list[float], num_tokens: list[int]) -> list[str]:
+    """Ids whose response NLL is NaN/inf, or whose perplexity exp(mean NLL) overflows a float."""
+    return [
+        example_id for example_id, nll, count in zip(ids, nll_sum, num_tokens)
+        if not (math.isfinite(nll) and nll / max(count, 1) <= MAX_MEAN_NLL)
+    ]
+
+
+def check_scores(scores: CheckpointScores, ids: list[str]) -> None:
+    """Refuse the scores of a diverged checkpoint (NaN/inf NLL) before they reach a file or a split.
+
+    A NaN confidence sorts arbitrarily, so the split would silently follow file order.
+    """
+    bad = unusable_examples(ids, scores.nll_sum, scores.num_tokens)
+    if bad:
+        raise InputError(
+            f"checkpoint {scores.checkpoint}: the response NLL of {len(bad)} of {len(ids)} examples is NaN, inf or "
+            f"too large for a perplexity (e.g. ids {bad[:5]}): the checkpoint diverged (NaN/inf weights or too high "
+            "a learning rate). Score other checkpoints, or retrain the reference run with a lower learning rate."
+        )
 
 
 # --------------------------------------------------------------------------- reference run
@@ -104,7 +131,7 @@ def online_scores(records: dict[str, list], ids: list[str]) -> list[CheckpointSc
     """
     missing = [example_id for example_id in ids if not records.get(example_id)]
     if missing:
-        raise ValueError(f"online dynamics: {len(missing)} examples were never trained on (e.g. {missing[:3]}); "
+        raise InputError(f"online dynamics: {len(missing)} examples were never trained on (e.g. {missing[:3]}); "
                          "use at least one full epoch")
     visits = {example_id: _first_visit_per_epoch(records[example_id]) for example_id in ids}
     epochs = min(len(per_epoch) for per_epoch in visits.values())
@@ -207,7 +234,7 @@ def _batch_nll(model, batch: dict[str, torch.Tensor], linear_head: bool):
 
 
 def save_scores(path: Path, scores: CheckpointScores, fingerprint: str) -> None:
-    write_atomic(path, json.dumps({"fingerprint": fingerprint, **scores.__dict__}))
+    write_atomic(path, json.dumps({"fingerprint": fingerprint, **scores.__dict__}, allow_nan=False))
 
 
 def load_scores(path: Path, fingerprint: str) -> CheckpointScores | None:
@@ -241,6 +268,10 @@ def split_groups(ids: list[str], confidences: list[float], split_ratio: float = 
 
 def confidence_rows(ids, scores: list[CheckpointScores], split_ratio: float) -> list[dict[str, Any]]:
     values = confidence(scores)
+    overflowing = [example_id for example_id, value in zip(ids, values) if not math.isfinite(value)]
+    if overflowing:
+        raise InputError(f"the mean perplexity of {len(overflowing)} examples overflows a float (e.g. ids "
+                         f"{overflowing[:5]}): at least one checkpoint diverged; score other checkpoints")
     groups = split_groups(ids, values, split_ratio)
     perplexities = list(zip(*[score.perplexities for score in scores]))
     return [
@@ -305,5 +336,5 @@ def split_agreement(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) 
     groups_a = {row["id"]: row["group"] for row in rows_a}
     shared = [row for row in rows_b if row["id"] in groups_a]
     if not shared:
-        raise ValueError("the two confidence files share no id")
+        raise InputError("the two confidence files share no id")
     return sum(groups_a[row["id"]] == row["group"] for row in shared) / len(shared)

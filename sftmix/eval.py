@@ -9,22 +9,27 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .dynamics import score_model
+from .dynamics import score_model, unusable_examples
+from .errors import InputError
 
 # --------------------------------------------------------------------------- likelihood
 
@@ -32,6 +37,7 @@ from .dynamics import score_model
 def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, desc: str = "NLL") -> dict[str, Any]:
     """Mean response-token NLL and perplexity, overall (token-weighted) and per example."""
     nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc=desc)
+    check_finite(dataset["id"], nll_sum, num_tokens, desc)
     total_tokens = sum(num_tokens)
     mean_nll = sum(nll_sum) / max(total_tokens, 1)
     per_example = [
@@ -45,8 +51,30 @@ def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, de
 def confidence_spread(model, dataset, pad_id: int, max_tokens: int = 16384) -> dict[str, float]:
     """The paper's diagnostic: std (and mean) of per-example confidence (= -perplexity) under one model."""
     nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc="Confidence")
+    check_finite(dataset["id"], nll_sum, num_tokens, "confidence spread")
     confidences = torch.tensor([-math.exp(nll / max(count, 1)) for nll, count in zip(nll_sum, num_tokens)])
     return {"confidence_std": confidences.std().item(), "confidence_mean": confidences.mean().item()}
+
+
+def check_finite(ids: list[str], nll_sum: list[float], num_tokens: list[int], what: str) -> None:
+    """A diverged model gives NaN/inf NLL (or a perplexity too large for a float): refused, never written as NaN."""
+    bad = unusable_examples(ids, nll_sum, num_tokens)
+    if bad:
+        raise InputError(f"{what}: the response NLL of {len(bad)} of {len(ids)} examples is NaN, inf or too large "
+                         f"for a perplexity (e.g. ids {bad[:5]}): the model diverged; evaluate another checkpoint")
+
+
+def set_names(paths: list[str]) -> list[str]:
+    """One distinct name per scored set: the file stem, qualified by its folder (then numbered) when taken.
+
+    `a/heldout.jsonl b/heldout.jsonl` -> heldout, b-heldout: both sets keep their results.
+    """
+    names: list[str] = []
+    for path in paths:
+        stem = Path(path).stem
+        candidates = [stem, f"{Path(path).parent.name}-{stem}"] + [f"{stem}-{k}" for k in range(2, len(paths) + 2)]
+        names.append(next(name for name in candidates if name not in names))
+    return names
 
 
 # --------------------------------------------------------------------------- generation
@@ -128,18 +156,24 @@ def load_prompts(path: str, limit: int | None = None) -> list[dict]:
     from .data import load_records, to_messages
 
     records, _ = load_records(path)
+    if not records:
+        raise InputError(f"{path}: no prompts in the file; give AlpacaEval rows (`instruction`), MT-Bench questions "
+                         "(`turns`) or SFT rows")
     prompts = []
     for record in records[:limit]:
         data = record.data
-        if isinstance(data.get("turns"), list):  # FastChat MT-Bench question.jsonl
-            turns = [str(turn) for turn in data["turns"]]
+        if "turns" in data:  # FastChat MT-Bench question.jsonl
+            turns = data["turns"]
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
+                raise InputError(f"{record.where}: 'turns' must be a non-empty list of non-empty strings (one user "
+                                 f"message per turn), got {turns!r:.100}")
         elif isinstance(data.get("instruction"), str):  # AlpacaEval
             extra = data.get("input") or ""
             turns = [f"{data['instruction']}\n\n{extra}" if extra.strip() else data["instruction"]]
         else:
             users = [m["content"] for m in to_messages(record) if m["role"] == "user"]
             if not users:
-                raise ValueError(f"{record.where}: no user turn to answer")
+                raise InputError(f"{record.where}: no user turn to answer")
             turns = users[:1]
         prompts.append({"instruction": turns[0], "turns": turns, "dataset": data.get("dataset", "custom"),
                         "question_id": data.get("question_id", data.get("id", len(prompts)))})
@@ -174,8 +208,10 @@ class JudgeClient:
     """Pairwise judge over an OpenAI-compatible `/chat/completions` endpoint.
 
     The API key is read from the environment variable `api_key_env` at call time and
-    is never logged or stored. Timeouts, HTTP 429/5xx and malformed replies are retried
-    with exponential back-off; after `max_retries` the comparison is reported as failed.
+    is never logged or stored. `timeout_s` is the deadline of one whole request (connect,
+    send, complete reply), not of each socket read. Timeouts, connection failures, bodies
+    cut short, non-HTTP replies, HTTP 429/5xx and malformed replies are retried with
+    exponential back-off; after `max_retries` the comparison is reported as failed.
     """
 
     base_url: str
@@ -186,7 +222,7 @@ class JudgeClient:
     backoff_s: float = 1.0
 
     def verdict(self, instruction: str, answer_a: str, answer_b: str) -> str:
-        """'A', 'B' or 'tie'; raises JudgeError after the retries."""
+        """'A', 'B' or 'tie'; raises JudgeError after the retries (never another error for a bad server)."""
         prompt = JUDGE_PROMPT.format(instruction=instruction, answer_a=answer_a, answer_b=answer_b)
         last_error = "no attempt"
         for attempt in range(self.max_retries + 1):
@@ -201,9 +237,10 @@ class JudgeClient:
                 last_error = f"HTTP {err.code}"
                 if err.code < 500 and err.code != 429:
                     break  # 4xx other than rate limiting will not heal on retry
-            except (urllib.error.URLError, TimeoutError, OSError) as err:
-                last_error = f"connection: {getattr(err, 'reason', err)}"
-            except (KeyError, IndexError, TypeError, ValueError) as err:
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+                # refused or reset connections, timeouts, a body cut short, a reply that is not HTTP at all
+                last_error = f"connection: {type(err).__name__}: {getattr(err, 'reason', err)}"
+            except (KeyError, IndexError, TypeError, ValueError) as err:  # not JSON, not UTF-8, another shape
                 last_error = f"malformed reply ({type(err).__name__})"
         raise JudgeError(last_error)
 
@@ -215,9 +252,86 @@ class JudgeClient:
         if key:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(f"{self.base_url.rstrip('/')}/chat/completions", body, headers)
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            reply = json.loads(response.read())
+        with _Deadline(self.timeout_s) as deadline:
+            opener = urllib.request.build_opener(_DeadlineHTTPHandler(deadline), _DeadlineHTTPSHandler(deadline))
+            try:
+                with opener.open(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+            except (OSError, http.client.HTTPException):
+                if deadline.expired:
+                    raise TimeoutError(f"no complete reply within {self.timeout_s} s") from None
+                raise
+            if deadline.expired:
+                raise TimeoutError(f"no complete reply within {self.timeout_s} s")
+        reply = json.loads(raw)
         return reply["choices"][0]["message"]["content"]
+
+
+class _Deadline:
+    """Shuts a request's sockets when its overall deadline passes.
+
+    urllib's `timeout` bounds each socket operation, so a server sending a byte every few
+    seconds could hold a request (and the whole run) forever.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired, self.sockets = seconds, False, []
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
+
+    def watch(self, sock) -> None:
+        with self.lock:
+            self.sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets:
+                _shut(sock)
+
+
+def _shut(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read, unlike close()
+    except OSError:
+        pass
+
+
+def _watched(connection_class, deadline: _Deadline):
+    class Watched(connection_class):
+        def connect(self):
+            super().connect()
+            deadline.watch(self.sock)
+
+    return Watched
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_watched(http.client.HTTPConnection, self.deadline), req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
 
 
 def pairwise_judge(client: JudgeClient, instructions: list[str], answers_x: list[str], answers_y: list[str],

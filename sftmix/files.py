@@ -29,8 +29,8 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """One JSON object per line, written atomically."""
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """One JSON object per line, written atomically. NaN and inf are refused: they are not JSON."""
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

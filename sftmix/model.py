@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,6 +40,7 @@ def default_gguf_path() -> Path:
 def resolve_model_path(name_or_path: str | None) -> str:
     """A loadable model id or directory; `None` means the embedded default, converted once."""
     if name_or_path is not None:
+        check_model_path(name_or_path)
         return name_or_path
     target = cache_root() / DEFAULT_MODEL_NAME
     if not (target / "model.safetensors").exists():
@@ -71,6 +74,36 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_model_path(name_or_path: str, option: str = "--model_name_or_path") -> None:
+    """A local model directory must exist and hold a config.json; a hub id is left to `from_pretrained`.
+
+    Without this a mistyped directory surfaces as "couldn't connect to huggingface.co" and the path
+    is never shown.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise InputError(f"{option} {name_or_path}: the directory holds no config.json, so it is not a model "
+                             "directory (a `save_pretrained` folder or a checkpoint-N folder is)")
+        return
+    if path.exists():
+        raise InputError(f"{option} {name_or_path}: is a file; pass the model directory")
+    hub_id = HUB_ID.fullmatch(name_or_path) and ".." not in name_or_path
+    if not hub_id or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise InputError(f"{option} {name_or_path}: no such directory ({path.resolve()})"
+                         + (" and the hub is offline (HF_HUB_OFFLINE=1)" if hub_id else ""))
+
+
+def _not_loadable(path: str, what: str, err: Exception) -> InputError:
+    local = Path(path).expanduser()
+    where = "local directory" if local.is_dir() else f"no such directory ({local.resolve()}) nor a loadable hub id"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputError(f"{path}: cannot load the {what} ({where}): {first_line}")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_path: str | None = None):
     """The model's tokenizer, with the chat template of `chat_template_path` when given.
 
@@ -81,7 +114,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_pat
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _not_loadable(path, "tokenizer", err) from err
     if chat_template_path is not None:
         set_chat_template(tokenizer, chat_template_path)
     if tokenizer.chat_template is None:
@@ -134,7 +171,11 @@ def load_model(path: str, trust_remote_code: bool = False, dtype: str | None = "
     if init_kwargs.pop("use_safetensors", True) is False:
         raise InputError("sftmix loads safetensors weights only (use_safetensors: false is not allowed)")
     init_kwargs.setdefault("trust_remote_code", trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype(dtype), **init_kwargs)
+    check_model_path(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype(dtype), **init_kwargs)
+    except OSError as err:
+        raise _not_loadable(path, "model weights (safetensors)", err) from err
 
 
 def torch_dtype(name: str | None):
@@ -230,6 +271,19 @@ def quantization_config(config, compute_dtype: str | None):
         bnb_4bit_quant_type=config.bnb_4bit_quant_type, bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
         bnb_4bit_quant_storage=config.bnb_4bit_quant_storage,
     )
+
+
+def check_vocabulary(model, tokenizer, model_path: str) -> None:
+    """Refuse a model with fewer token embeddings than its tokenizer has tokens (an index error on the first batch)."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
+    if len(tokenizer) > rows:
+        raise InputError(
+            f"{model_path}: the model has {rows} token embeddings but the tokenizer has {len(tokenizer)} tokens, "
+            f"so token ids >= {rows} cannot be embedded; use the tokenizer saved with this model (a reference "
+            "model with another tokenizer is scored with its own: pass it as --model_name_or_path), or resize "
+            "the embeddings"
+        )
 
 
 def inference_dtype(device: str) -> str:

@@ -31,6 +31,8 @@ from .errors import InputError
 from .files import file_hash, write_atomic, write_jsonl
 from .model import (
     check_loadable,
+    check_model_path,
+    check_vocabulary,
     convert_saved_dtype,
     inference_dtype,
     load_model,
@@ -125,6 +127,7 @@ def build_trainer(
 ):
     model = load_model(prepared.model_path, **training_init_kwargs(config))
     resize_for_tokenizer(model, prepared.tokenizer)
+    check_vocabulary(model, prepared.tokenizer, prepared.model_path)
     return SFTMixTrainer(
         model,
         args=config,
@@ -199,19 +202,32 @@ def prepare_eval(config: SFTMixConfig, tokenizer):
 
 
 def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, str]) -> None:
-    """Refuse a confidence file made from other data: its dynamics.json records the data's fingerprint."""
+    """Refuse a confidence file made from other data: its dynamics.json records the data's fingerprint.
+
+    The records' fingerprint (ids and messages of every record read, before any tokenizer drops
+    an example) is compared when dynamics.json has it, so a reference model with another
+    tokenizer or max_length (weak-to-strong) passes; older files record only the kept examples'.
+    Confidence ids with no example here are then ignored and counted in data_report.json.
+    """
     produced_by = Path(confidence_path).with_name("dynamics.json")
     if produced_by.exists():
-        recorded = json.loads(produced_by.read_text()).get("dataset", {}).get("fingerprint")
-        if recorded and recorded != prepared.report.fingerprint:
+        dataset = json.loads(produced_by.read_text()).get("dataset", {})
+        name = next((key for key in ("source_fingerprint", "fingerprint") if dataset.get(key)), None)
+        recorded = dataset.get(name) if name else None
+        current = getattr(prepared.report, name) if name else None
+        if recorded and recorded != current:
             differing = len(set(groups) ^ set(prepared.dataset["id"]))
-            raise ValueError(
-                f"the dataset changed since `sftmix dynamics` wrote {confidence_path} (fingerprint {recorded}, now "
-                f"{prepared.report.fingerprint}): {differing} ids differ"
+            raise InputError(
+                f"the dataset changed since `sftmix dynamics` wrote {confidence_path} ({name} {recorded}, now "
+                f"{current}): {differing} ids differ"
                 + ("" if differing else " (same ids, different content)")
-                + ". Re-run `sftmix dynamics` on this dataset."
+                + ". Re-run `sftmix dynamics` on this dataset (with the same max_examples)."
             )
-    check_ids_match(prepared.dataset["id"], groups)
+    unused = check_ids_match(prepared.dataset["id"], groups)
+    prepared.report.unused_confidence_ids = unused
+    if unused:
+        logger.warning("%d ids of %s have no example in this dataset (dropped by this tokenizer or max_length): "
+                       "ignored", unused, confidence_path)
 
 
 def _lora_config(config: SFTMixConfig):
@@ -257,14 +273,19 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     each checkpoint, and rank 0 writes the files.
     """
     output_dir = Path(config.output_dir)
+    for checkpoint in config.checkpoints or []:
+        check_model_path(checkpoint, "--checkpoints")
     resolve_datasets(config, with_test=False)  # the reference run is not evaluated
     prepared = prepare(config)
     ids = prepared.dataset["id"]
+    check_split_counts(len(ids), config.split_ratio)
     checkpoints, online_records = config.checkpoints, None
     if not checkpoints:
         checkpoints, online_records = _reference_run(config, prepared, callbacks)
     if config.online:
         scores = dyn.online_scores(online_records, ids)
+        for score in scores:
+            dyn.check_scores(score, ids)
     else:
         scores_dir = output_dir / "scores"
         scores = [
@@ -274,6 +295,17 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     rows = dyn.confidence_rows(ids, scores, config.split_ratio)
     distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows)
     return output_dir
+
+
+def check_split_counts(count: int, split_ratio: float) -> None:
+    """Both groups must be non-empty for this many examples, or SFTMix has nothing to pair (refused before training)."""
+    confident = int(count * split_ratio)
+    if confident < 1 or confident >= count:
+        raise InputError(
+            f"split_ratio {split_ratio} over {count} examples gives {confident} confident and {count - confident} "
+            f"unconfident examples; both groups need at least one: use a split_ratio in "
+            f"[{1 / count:.3g}, {(count - 1) / count:.3g}] (0.5 is the paper's median split)"
+        )
 
 
 def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: list, rows: list[dict]) -> None:
@@ -286,6 +318,7 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
         "checkpoints": [score.checkpoint for score in scores],
         "online": config.online,
         "dataset": {"path": config.dataset_path or "embedded ShareGPT V3", "fingerprint": prepared.report.fingerprint,
+                    "source_fingerprint": prepared.report.source_fingerprint,
                     "max_length": config.max_length, "max_examples": config.max_examples,
                     "report": vars(prepared.report) | {"dropped_no_supervised_tokens":
                                                         len(prepared.report.dropped_no_supervised_tokens)}},
@@ -335,12 +368,14 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
     with distributed.unpartitioned_loading():
         model = load_model(weights, config.trust_remote_code, dtype=inference_dtype(device),
                            attn_implementation=config.attn_implementation).to(device)
+    check_vocabulary(model, prepared.tokenizer, checkpoint)
     started = time.perf_counter()
     nll_sum, num_tokens = dyn.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
         desc=f"Scoring {Path(checkpoint).name}",
     )
     scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
+    distributed.on_main(dyn.check_scores, scores, prepared.dataset["id"])
     distributed.on_main(dyn.save_scores, path, scores, prepared.report.fingerprint)
     return scores
 
@@ -360,14 +395,15 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     with distributed.unpartitioned_loading():  # every rank holds a whole model
         model = load_model(config.model, config.trust_remote_code, dtype=config.dtype or inference_dtype(device),
                            attn_implementation=config.attn_implementation).to(device)
+    check_vocabulary(model, tokenizer, config.model)
     metrics: dict[str, Any] = {"model": config.model, "likelihood": {}}
     files: dict[str, Any] = {}  # file name -> rows, written by rank 0 at the end
-    for path in config.dataset or []:
+    for path, name in zip(config.dataset or [], ev.set_names(config.dataset or [])):
         dataset, _ = distributed.main_first(build_dataset, path, tokenizer, config.max_length, config.max_examples)
         result = ev.response_perplexity(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
-                                        desc=f"NLL {Path(path).stem}")
-        files[f"nll-{Path(path).stem}.jsonl"] = result.pop("per_example")
-        metrics["likelihood"][Path(path).stem] = result
+                                        desc=f"NLL {name}")
+        files[f"nll-{name}.jsonl"] = result.pop("per_example")
+        metrics["likelihood"][name] = result | {"path": str(path)}
     if config.prompts:
         metrics["generation"] = _generate(config, model, tokenizer, files)
     if config.confidence_dataset:

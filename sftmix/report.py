@@ -77,11 +77,39 @@ def write_report(run_dir: Path, config) -> Path:
         "split": dynamics["summary"],
         "data": json.loads((run_dir / "data" / "split.json").read_text()),
     }
+    judged = judge_summary(run_dir, config.seeds)
+    if judged:
+        metrics["judge"] = judged
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     plot_losses(run_dir, variants, config.seeds, run_dir / "loss_curves.png")
     shutil.copyfile(run_dir / "dynamics" / "confidence.png", run_dir / "confidence.png")
     write_atomic(run_dir / "report.md", render(run_dir, config, json.loads((run_dir / "metrics.json").read_text())))
     return run_dir / "report.md"
+
+
+def judge_summary(run_dir: Path, seeds: list[int]) -> dict[str, dict[str, Any]]:
+    """Per seed: pairs judged, pairs failed (never counted as a win, loss or tie) and the win rate."""
+    summary = {}
+    for seed in seeds:
+        path = run_dir / "judge" / f"seed{seed}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            summary[f"seed{seed}"] = {"judged": result["judged"], "failed": len(result["failed"]),
+                                      "sftmix_win_rate": result["sftmix_win_rate"]}
+    return summary
+
+
+def _judge_lines(judged: dict[str, dict[str, Any]]) -> list[str]:
+    if not judged:
+        return []
+    lines = ["## Pairwise judge (SFTMix vs NTP, both orders)", ""]
+    for seed, result in judged.items():
+        total = result["judged"] + result["failed"]
+        rate = "-" if result["sftmix_win_rate"] is None else f"{result['sftmix_win_rate']:.3g}"
+        failed = (f"**{result['failed']} of {total} pairs failed** (no verdict after retries; listed under `failed` "
+                  f"in `judge/{seed}.json`, not counted)" if result["failed"] else "no pair failed")
+        lines.append(f"- {seed}: {result['judged']} of {total} pairs judged, {failed}; SFTMix win rate {rate}.")
+    return lines + [""]
 
 
 def plot_losses(run_dir: Path, variants: list[str], seeds: list[int], path: Path) -> None:
@@ -145,6 +173,7 @@ def render(run_dir: Path, config, metrics: dict[str, Any]) -> str:
         "Lower NLL / perplexity is better. With one seed a difference may be noise: "
         "`--seeds 1 2 3` reports mean ± std.",
         "",
+        *_judge_lines(metrics.get("judge", {})),
         "## Training loss",
         "",
         "![loss curves](loss_curves.png)",

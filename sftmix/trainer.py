@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
+import os
 import sys
+import time
 import types
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,12 +28,15 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.utils import ModelOutput
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from . import distributed
 from .config import SFTMixConfig
+from .errors import InputError
 from .losses import IGNORE_INDEX, LossTerms, sample_lambda, sftmix_loss_fused, sftmix_loss_reference
 from .model import head_is_linear
 
@@ -219,6 +225,7 @@ class SFTMixTrainer(SFTTrainer):
         self._balanced_groups = self._group_indices(groups) if self.mixing else None
         patched = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_sftmix_head(patched)
+        self.add_callback(RunTotals())
         # Online training dynamics: example id -> [(epoch, response NLL sum, response tokens), ...]
         self.online_nll: dict[str, list[tuple[float, float, int]]] | None = None
         if record_nll:
@@ -227,7 +234,7 @@ class SFTMixTrainer(SFTTrainer):
 
     def _group_indices(self, groups: dict[str, str] | None) -> tuple[list[int], list[int]]:
         if groups is None:
-            raise ValueError(
+            raise InputError(
                 f"loss_type={self.args.loss_type!r} needs a confidence split: run `sftmix dynamics` on this dataset "
                 "and pass --confidence_path <output_dir>/confidence.jsonl (or use --loss_type ntp)"
             )
@@ -235,6 +242,11 @@ class SFTMixTrainer(SFTTrainer):
         check_ids_match(ids, groups)
         confident = [index for index, example_id in enumerate(ids) if groups[example_id] == "confident"]
         unconfident = [index for index, example_id in enumerate(ids) if groups[example_id] != "confident"]
+        if not confident or not unconfident:
+            raise InputError(
+                f"the confidence split leaves {len(confident)} confident and {len(unconfident)} unconfident examples "
+                "in this dataset; SFTMix pairs one of each: re-run `sftmix dynamics` with split_ratio 0.5"
+            )
         return confident, unconfident
 
     def get_train_dataloader(self) -> DataLoader:
@@ -339,6 +351,7 @@ class SFTMixTrainer(SFTTrainer):
                  float(outputs.aux_loss.detach()) if outputs.aux_loss is not None else 0.0]
         totals = distributed.sum_over_ranks(local, self.accelerator.device)
         ntp_sum, ntp_count, mixup_sum, mixup_count, entropy_sum, correct, tokens, aux_sum = totals
+        check_finite_loss(self.state.global_step + (1 if training else 0), ntp_sum, mixup_sum, self.args)
         metrics = self._metrics[mode]
         metrics["entropy"].append(entropy_sum / max(ntp_count, 1))
         metrics["mean_token_accuracy"].append(correct / max(ntp_count, 1))
@@ -376,6 +389,29 @@ class SFTMixTrainer(SFTTrainer):
             super().save_model(output_dir, _internal_call)
         else:
             self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ whole-run totals across resumes
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._run_totals().restore(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _run_totals(self) -> RunTotals:
+        return next(callback for callback in self.callback_handler.callbacks if isinstance(callback, RunTotals))
+
+    def _save_checkpoint(self, model, trial):
+        # The loss summed over this train() call so far: Trainer's accumulators (the part since the last log is
+        # this rank's own; it is averaged over ranks at each log).
+        steps = self.state.global_step - self._initial_global_step
+        self._run_totals().advance(self._total_loss_scalar + float(self._tr_loss), steps)
+        super()._save_checkpoint(model, trial)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_runtime" in logs and "train_loss" in logs:  # the end of a train() call: report the whole run
+            totals, steps = self._run_totals(), self.state.global_step - self._initial_global_step
+            totals.advance(logs["train_loss"] * steps, steps, seconds=logs["train_runtime"])
+            logs["train_runtime"], logs["train_loss"] = round(totals.seconds, 4), totals.mean_loss
+        super().log(logs, start_time)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         if not self.is_world_process_zero():
@@ -454,6 +490,62 @@ def _step_counts(batch_samples: list[dict], mixing: bool, device) -> StepCounts:
     return StepCounts(all_tokens, all_mixed, float(mixed), max(len(batch_samples), 1))
 
 
+class TrainingDiverged(InputError):
+    """The loss became NaN or inf: nothing from this step on is saved."""
+
+
+def check_finite_loss(step: int, ntp_sum: float, mixup_sum: float, args) -> None:
+    """Stop at the first NaN/inf loss, naming the step, instead of training (and saving) a broken model."""
+    if math.isfinite(ntp_sum) and math.isfinite(mixup_sum):
+        return
+    term = "NTP" if not math.isfinite(ntp_sum) else "Mixup"
+    raise TrainingDiverged(
+        f"training diverged at step {step}: the {term} loss is {ntp_sum if term == 'NTP' else mixup_sum} "
+        f"(learning_rate {args.learning_rate}, max_grad_norm {args.max_grad_norm}); checkpoints written before "
+        "this step are kept. Lower --learning_rate, check the model's weights for NaN/inf, or train in "
+        "bf16/float32 instead of fp16."
+    )
+
+
+class RunTotals(TrainerCallback, ExportableState):
+    """Training seconds, summed per-step loss and steps of a whole run, stored in every checkpoint.
+
+    Trainer reports `train_runtime` and `train_loss` of its own `train()` call only; after a
+    resume that is the part after the checkpoint. The totals up to each checkpoint are saved in
+    its trainer_state.json (`stateful_callbacks`), so the final numbers cover the whole run (the
+    time of work lost to a kill, after the last checkpoint, is not counted).
+    """
+
+    def __init__(self, seconds: float = 0.0, loss_sum: float = 0.0, steps: int = 0):
+        self.seconds, self.loss_sum, self.steps = seconds, loss_sum, steps
+        self._before, self._started = (seconds, loss_sum, steps), time.time()
+
+    def state(self) -> dict:
+        return {"args": {"seconds": self.seconds, "loss_sum": self.loss_sum, "steps": self.steps}, "attributes": {}}
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    def restore(self, checkpoint: str | None) -> None:
+        """Start from the totals saved with `checkpoint` (zero for a fresh run)."""
+        saved = {}
+        state_file = os.path.join(checkpoint, "trainer_state.json") if isinstance(checkpoint, str) else None
+        if state_file and os.path.isfile(state_file):
+            stored = json.loads(Path(state_file).read_text()).get("stateful_callbacks", {}).get(type(self).__name__, {})
+            saved = stored.get("args", {}) if isinstance(stored, dict) else {}
+        self.__init__(**saved)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._before, self._started = (self.seconds, self.loss_sum, self.steps), time.time()
+
+    def advance(self, loss_sum: float, steps: int, seconds: float | None = None) -> None:
+        """Totals = the run before this train() call + this call's `loss_sum` over `steps` (and its seconds)."""
+        seconds_before, loss_before, steps_before = self._before
+        self.seconds = seconds_before + (time.time() - self._started if seconds is None else seconds)
+        self.loss_sum, self.steps = loss_before + loss_sum, steps_before + steps
+
+
 def _mixed_in_batch(batch: dict) -> int:
     labels, sequence = batch["labels"], sequence_index(batch)
     pairs = balanced_pairs(num_sequences(labels, sequence))
@@ -472,17 +564,21 @@ def count_mixed_positions(
     return int(torch.minimum(count[pair_index[:, 0]], count[pair_index[:, 1]]).sum())
 
 
-def check_ids_match(dataset_ids: list[str], groups: dict[str, str]) -> None:
-    """Every example needs a group and every group entry an example; say how many differ."""
+def check_ids_match(dataset_ids: list[str], groups: dict[str, str]) -> int:
+    """Every example needs a group; returns how many group entries have no example (they are ignored).
+
+    A confidence file may cover more examples than this dataset keeps: a reference model with
+    another tokenizer or max_length (weak-to-strong) drops other examples than the target does.
+    """
     data_ids, confidence_ids = set(dataset_ids), set(groups)
     missing, extra = data_ids - confidence_ids, confidence_ids - data_ids
-    if missing or extra:
-        raise ValueError(
+    if missing:
+        raise InputError(
             f"confidence file and dataset disagree: {len(missing)} of {len(data_ids)} dataset ids have no "
-            f"confidence (e.g. {sorted(missing)[:3]}), {len(extra)} of {len(confidence_ids)} confidence ids are not "
-            f"in the dataset (e.g. {sorted(extra)[:3]}). Re-run `sftmix dynamics` on this dataset with the same "
-            "max_length / max_examples."
+            f"confidence (e.g. {sorted(missing)[:3]}); ({len(extra)} of {len(confidence_ids)} confidence ids are not "
+            "in the dataset: those alone would be ignored). Re-run `sftmix dynamics` on this dataset."
         )
+    return len(extra)
 
 
 MODEL_CARD = """---

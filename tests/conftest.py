@@ -109,3 +109,20 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     data = write_jsonl(directory / "data.jsonl", rows)
     groups = write_groups(directory / "confidence.jsonl", [row["id"] for row in rows])
     return data, groups
+
+
+def model_variant(source_dir: Path, target_dir: Path, change=None, vocab_size: int | None = None) -> Path:
+    """A copy of a saved model (with its tokenizer) whose weights `change(model)` altered in place, or with
+    fewer token embeddings (`vocab_size`): the damaged checkpoints of the hostile-input battery."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source_dir)
+    if vocab_size is not None:
+        model.resize_token_embeddings(vocab_size)
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    model.save_pretrained(target_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source_dir).save_pretrained(target_dir)
+    return target_dir

@@ -340,7 +340,7 @@ def test_read_confidence(tmp_path):
     write_jsonl(path, [{"id": "a", "group": "sure"}])
     with pytest.raises(DataError, match=r"c\.jsonl:1: needs 'id' and 'group'"):
         read_confidence(path)
-    with pytest.raises(FileNotFoundError, match="sftmix dynamics"):
+    with pytest.raises(DataError, match="sftmix dynamics"):
         read_confidence(tmp_path / "missing.jsonl")
 
 

@@ -1,0 +1,83 @@
+"""Hostile-input battery, the CLI error contract: an input or configuration problem exits with status 2
+and ONE line on stderr naming the file, line or id, the field and what to do; no traceback unless
+--debug or SFTMIX_DEBUG=1. A few cases run the real command (a subprocess); the rest call `main`."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import write_jsonl
+
+from sftmix.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def sftmix(args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "sftmix.cli", *args], cwd=cwd, env=env or ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_one_clear_line(result_code, stderr, *expected):
+    assert result_code == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("sftmix ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def test_bad_number_is_refused_before_the_model_is_even_looked_for(tmp_path):
+    """Real CLI: --mixup_weight -0.5 with a model path that does not exist: the number is the error."""
+    result = sftmix(["train", "--model_name_or_path", str(tmp_path / "nope"), "--mixup_weight", "-0.5",
+                     "--use_cpu", "true"], cwd=tmp_path)
+    assert_one_clear_line(result.returncode, result.stderr, "--mixup_weight must be a finite number >= 0", "-0.5")
+
+
+def test_non_utf8_dataset_names_file_and_line(tiny_model_dir, tmp_path):
+    """Real CLI: a Latin-1 byte on line 2 of the data."""
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    result = sftmix(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(path),
+                     "--loss_type", "ntp", "--use_cpu", "true", "--output_dir", "out"], cwd=tmp_path)
+    assert_one_clear_line(result.returncode, result.stderr, "latin.jsonl:2: not valid UTF-8", "re-save")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_debug_keeps_the_traceback(tmp_path):
+    """Real CLI: SFTMIX_DEBUG=1 re-raises, so the traceback is there."""
+    result = sftmix(["eval", "--model", str(tmp_path / "missing"), "--dataset", "d.jsonl"], cwd=tmp_path,
+                    env={**ENV, "SFTMIX_DEBUG": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr and "InputError" in result.stderr
+
+
+@pytest.mark.parametrize("case", [
+    "missing_model", "missing_config", "empty_prompts", "missing_confidence_for_compare", "seeds_twice",
+    "eval_nothing", "bad_trainer_value",
+])
+def test_cli_cases_exit_2_with_one_line(case, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompts = tmp_path / "empty.jsonl"
+    prompts.write_text("")
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "group": "confident"}])
+    argv, expected = {
+        "missing_model": (["train", "--model_name_or_path", "runs/x/checkpoint-4", "--loss_type", "ntp"],
+                          "runs/x/checkpoint-4: no such directory"),
+        "missing_config": (["train", "--config", "nope.yaml"], "nope.yaml"),
+        "empty_prompts": (["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--use_cpu", "true"],
+                          "empty.jsonl: no prompts"),
+        "missing_confidence_for_compare": (["compare-splits", "c.jsonl", "missing.jsonl"],
+                                           "missing.jsonl: no such confidence file"),
+        "seeds_twice": (["run", "--seeds", "42", "42"], "--seeds must be distinct"),
+        "eval_nothing": (["eval", "--model", str(tiny_model_dir)], "nothing to evaluate"),
+        "bad_trainer_value": (["train", "--loss_type", "ntp", "--lr_scheduler_type", "sideways"], "sideways"),
+    }[case]
+    code = main(argv)
+    assert_one_clear_line(code, capsys.readouterr().err, *([expected] if expected else []))
+
+
+def test_refused_run_leaves_nothing_behind(tmp_path):
+    """Real CLI: a bad number is refused at start-up; no output directory is created."""
+    result = sftmix(["dynamics", "--split_ratio", "1.5", "--output_dir", "dyn"], cwd=tmp_path)
+    assert_one_clear_line(result.returncode, result.stderr, "--split_ratio must be strictly between 0 and 1")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,110 @@
+"""Hostile-input and fault battery, training: confidence files that do not match the data one to one,
+diverging runs, missing models, and the numbers a resumed run reports."""
+
+import json
+import time
+
+import pytest
+from conftest import model_variant, write_groups, write_jsonl
+from test_dynamics import dynamics_config
+from test_trainer import CrashAfter, make_config
+from transformers import TrainerCallback
+
+from sftmix.errors import InputError
+from sftmix.pipeline import dynamics, train
+
+# --------------------------------------------------------------------------- 15. confidence covering more examples
+
+
+def test_confidence_ids_without_an_example_are_ignored_and_counted(tiny_model_dir, tiny_data, tmp_path):
+    rows = [json.loads(line) for line in tiny_data[0].read_text().splitlines()]
+    fewer = write_jsonl(tmp_path / "fewer.jsonl", rows[:14])  # the confidence file covers 16
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(fewer),
+                         confidence_path=str(tiny_data[1]), max_length=64, max_steps=2)
+    output_dir = train(config)
+    assert json.loads((output_dir / "data_report.json").read_text())["unused_confidence_ids"] == 2
+
+
+def test_examples_without_a_confidence_are_still_an_error(tiny_model_dir, tiny_data, tmp_path):
+    groups = write_groups(tmp_path / "c.jsonl", [f"e{i}" for i in range(2, 16)])
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]),
+                         confidence_path=str(groups), max_length=64)
+    with pytest.raises(InputError, match=r"2 of 16 dataset ids have no confidence"):
+        train(config)
+
+
+def test_weak_to_strong_reference_with_longer_max_length_drops_fewer_examples(tiny_model_dir, tmp_path):
+    """The reference keeps 12 examples (max_length 256), the target only 10 (max_length 24): accepted."""
+    rows = [{"id": f"w{i}", "instruction": "tell me", "output": "blue sky " * (1 + i % 3)} for i in range(10)]
+    rows += [{"id": f"long{i}", "instruction": " ".join(["why is the sky"] * 12), "output": "red"} for i in range(2)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    split = dynamics(dynamics_config(tmp_path, tiny_model_dir, data, max_length=256,
+                                     checkpoints=[str(tiny_model_dir)]))
+    assert len((split / "confidence.jsonl").read_text().splitlines()) == 12
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(data), max_length=24,
+                         confidence_path=str(split / "confidence.jsonl"), max_steps=2)
+    report = json.loads((train(config) / "data_report.json").read_text())
+    assert report["num_examples"] == 10 and report["unused_confidence_ids"] == 2
+
+
+# --------------------------------------------------------------------------- 6. NaN in training
+
+
+def test_nan_loss_stops_training_naming_the_step_and_saves_nothing(tiny_model_dir, tiny_data, tmp_path):
+    def nan_head(model):
+        model.lm_head.weight.fill_(float("nan"))
+
+    broken = model_variant(tiny_model_dir, tmp_path / "nan-model", nan_head)
+    config = make_config(tmp_path, model_name_or_path=str(broken), dataset_path=str(tiny_data[0]),
+                         confidence_path=str(tiny_data[1]), max_length=64)
+    with pytest.raises(InputError, match=r"training diverged at step 1: the NTP loss is nan"):
+        train(config)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- 13. missing model
+
+
+def test_missing_model_directory_names_the_path_not_the_hub(tiny_data, tmp_path):
+    config = make_config(tmp_path, model_name_or_path=str(tmp_path / "models" / "mine"), loss_type="ntp",
+                         dataset_path=str(tiny_data[0]))
+    with pytest.raises(InputError, match=r"models/mine: no such directory") as error:
+        train(config)
+    assert "huggingface.co" not in str(error.value)
+
+
+def test_directory_that_is_not_a_model_is_named(tiny_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    config = make_config(tmp_path, model_name_or_path=str(tmp_path / "empty"), loss_type="ntp",
+                         dataset_path=str(tiny_data[0]))
+    with pytest.raises(InputError, match=r"empty: the directory holds no config.json"):
+        train(config)
+
+
+# --------------------------------------------------------------------------- 16. reports after a resume
+
+
+class SlowSteps(TrainerCallback):
+    """Every optimisation step takes at least 0.2 s, so run times are far above noise."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(0.2)
+
+
+def final_log(output_dir):
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "train_runtime" in entry][-1]
+
+
+def test_runtime_and_train_loss_after_a_resume_cover_the_whole_run(tiny_model_dir, tiny_data, tmp_path):
+    def config(name):
+        return make_config(tmp_path, output_dir=str(tmp_path / name), model_name_or_path=str(tiny_model_dir),
+                           dataset_path=str(tiny_data[0]), confidence_path=str(tiny_data[1]), max_steps=6,
+                           save_strategy="steps", save_steps=2, max_length=64)
+
+    straight = final_log(train(config("straight"), callbacks=[SlowSteps()]))
+    with pytest.raises(KeyboardInterrupt):
+        train(config("crashed"), callbacks=[SlowSteps(), CrashAfter(4)])
+    resumed = final_log(train(config("crashed"), callbacks=[SlowSteps()]))  # steps 5 and 6 only
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+    assert resumed["train_runtime"] >= 6 * 0.2
