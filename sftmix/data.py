@@ -679,11 +679,18 @@ def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, tru
     resolved = Path(str(source)).resolve()
     key = hashlib.sha256(json.dumps([
         TOKENIZATION_VERSION, file_hash(source), str(resolved), resolved.suffix, split, max_length, truncation,
-        max_examples,
-        type(tokenizer).__name__, tokenizer.chat_template,
-        hashlib.sha256(backend.to_str().encode()).hexdigest(),
+        max_examples, tokenizer_fingerprint(tokenizer),
     ]).encode()).hexdigest()[:24]
     return cache_root() / "tokenized" / key[:2] / key
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides the token ids and the rendered text: the vocabulary and merges, the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(json.dumps(
+        [type(tokenizer).__name__, tokenizer.chat_template, hashlib.sha256(vocabulary.encode()).hexdigest()]
+    ).encode()).hexdigest()[:16]
 
 
 def _load_cached(cached: Path):

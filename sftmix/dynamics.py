@@ -11,7 +11,9 @@ builds full logits (only the response positions go through the LM head, in tiles
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +24,13 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from . import distributed
+from .data import tokenizer_fingerprint
 from .errors import InputError
-from .files import write_atomic
+from .files import file_hash, key_changes, newest_complete_checkpoint, write_atomic
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,9 +105,8 @@ class SaveOnlineNLL(TrainerCallback):
 
     @classmethod
     def newest_complete(cls, output_dir: str) -> str | None:
-        """The newest checkpoint-N directory that holds its online NLL records."""
-        complete = [path for path in Path(output_dir).glob("checkpoint-*") if (path / cls.FILE).exists()]
-        return str(max(complete, key=lambda path: int(path.name.split("-")[1]))) if complete else None
+        """The newest complete checkpoint-N directory that also holds its online NLL records."""
+        return newest_complete_checkpoint(output_dir, also_needs=(cls.FILE,))
 
     @classmethod
     def load(cls, checkpoint: str | None) -> dict[str, list]:
@@ -233,18 +237,106 @@ def _batch_nll(model, batch: dict[str, torch.Tensor], linear_head: bool):
     return token_nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
-def save_scores(path: Path, scores: CheckpointScores, fingerprint: str) -> None:
-    write_atomic(path, json.dumps({"fingerprint": fingerprint, **scores.__dict__}, allow_nan=False))
+def save_scores(path: Path, scores: CheckpointScores, key: dict) -> None:
+    """One checkpoint's scores with the key of what determined them (see `scores_key`)."""
+    write_atomic(path, json.dumps({"key": key, **scores.__dict__}, allow_nan=False))
 
 
-def load_scores(path: Path, fingerprint: str) -> CheckpointScores | None:
-    """Scores saved by an earlier (possibly killed) run, if they belong to the same data."""
+def load_scores(path: Path, key: dict) -> CheckpointScores | None:
+    """Scores saved by an earlier (possibly killed) run, if the same checkpoint, tokenizer and data made them."""
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    if saved.pop("fingerprint") != fingerprint:
+    recorded = saved.pop("key", None)
+    saved.pop("fingerprint", None)  # files of older versions
+    if recorded != key:
+        logger.warning("%s was computed with other settings (%s): rescored", path,
+                       key_changes(recorded, key) if recorded else "settings not recorded")
         return None
     return CheckpointScores(**saved)
+
+
+# --------------------------------------------------------------------------- what determines a result
+
+SMALL_MODEL_BYTES = 64 << 20  # below this, a model's files are identified by their content, above by size and time
+# Settings that change the reference run's checkpoints (paths and logging do not).
+REFERENCE_SETTINGS = (
+    "num_checkpoints", "online", "max_length", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "seed", "data_seed", "bf16", "fp16", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
+)
+
+
+def model_identity(name_or_path: str) -> dict[str, Any]:
+    """What identifies a model's weights cheaply: per weight and config file a content hash when the model
+    is small (< 64 MiB), else its size and modification time. A hub id stands for itself."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return {"hub_id": name_or_path}
+    files = [file for file in sorted(path.iterdir()) if file.is_file() and (
+        file.suffix == ".safetensors" or file.name in ("config.json", "adapter_config.json")
+        or file.name.endswith(".index.json") or (file.name.startswith("pytorch_model") and file.suffix == ".bin"))]
+    small = sum(file.stat().st_size for file in files) <= SMALL_MODEL_BYTES
+    return {file.name: file_hash(file) if small else [file.stat().st_size, file.stat().st_mtime_ns] for file in files}
+
+
+def _plain(value: Any) -> Any:
+    """The value as it reads back from JSON (tuples -> lists, enums -> strings), so keys compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def reference_key(config, prepared) -> dict[str, Any]:
+    """What determines the reference run's checkpoints: base model, tokenizer, data, training settings, processes."""
+    return _plain({
+        "model": model_identity(prepared.model_path), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
+        "data": prepared.report.fingerprint, "processes": distributed.world_size(),
+        **{name: getattr(config, name, None) for name in REFERENCE_SETTINGS},
+    })
+
+
+def scores_key(checkpoint: str, config, prepared) -> dict[str, Any]:
+    """What determines one checkpoint's scores: its weights, the tokenizer, the data and max_length."""
+    return _plain({"checkpoint": model_identity(checkpoint), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
+                   "data": prepared.report.fingerprint, "max_length": config.max_length})
+
+
+def dynamics_key(config, prepared) -> dict[str, Any]:
+    """What determines confidence.jsonl: the reference run (or the given checkpoints), the data and the split."""
+    if config.checkpoints:
+        source = {"checkpoints": [model_identity(checkpoint) for checkpoint in config.checkpoints]}
+    else:
+        source = {"reference": reference_key(config, prepared)}
+    return _plain({**source, "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
+                   "data": prepared.report.fingerprint, "max_length": config.max_length,
+                   "split_ratio": config.split_ratio})
+
+
+def clear_stale(output_dir: Path, key: dict[str, Any]) -> None:
+    """Before any work: refuse to overwrite a finished split made with other settings; remove a reference run
+    made with other settings (naming them), so it is redone; record this key with the reference run.
+
+    Only folders whose settings sftmix recorded are removed; scores files carry their own key.
+    """
+    finished = output_dir / "dynamics.json"
+    if finished.exists():
+        recorded = json.loads(finished.read_text()).get("key")
+        if recorded != key:
+            changes = key_changes(recorded, key) if recorded else "settings not recorded: made by an older sftmix"
+            raise InputError(f"{output_dir} holds a finished confidence split made with other settings ({changes}); "
+                             f"it is not overwritten: use another --output_dir, or delete {output_dir} to redo it")
+    if "reference" not in key:
+        return
+    reference, marker = output_dir / "reference", output_dir / "reference" / "key.json"
+    recorded = json.loads(marker.read_text()) if marker.exists() else None
+    if reference.exists() and recorded != key["reference"]:
+        if recorded is None:
+            raise InputError(f"{reference} holds no record of the settings that made it (made by an older sftmix, or "
+                             "not by sftmix); move or delete it to train the reference run again")
+        logger.warning("%s was trained with other settings (%s): it is redone", reference,
+                       key_changes(recorded, key["reference"]))
+        shutil.rmtree(reference)
+    write_atomic(marker, json.dumps(key["reference"], indent=1))
 
 
 # --------------------------------------------------------------------------- confidence and split

@@ -1,17 +1,29 @@
-"""Shared file helpers: atomic writes, JSONL, content hashes and the cache location.
+"""Shared file helpers: atomic writes, JSONL, content hashes, the cache location, output directories.
 
 Every result sftmix writes goes through `write_atomic`, so a killed process never
-leaves half a file that a rerun would mistake for a finished one.
+leaves half a file that a rerun would mistake for a finished one. An output directory
+is claimed (`OutputLock`) before any work, so an unwritable one or one in use by another
+run is refused at start-up, and a checkpoint is resumed from only when it is complete.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -47,6 +59,121 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def key_changes(old: dict, new: dict, limit: int = 6) -> str:
+    """'name: old -> new' for each field of two keys that differs (nested fields as a.b, values shortened):
+    why a stored result is not reused."""
+    def flat(key: dict, prefix: str = "") -> dict:
+        items: dict = {}
+        for name, value in key.items():
+            if isinstance(value, dict) and value:
+                items.update(flat(value, f"{prefix}{name}."))
+            else:
+                items[f"{prefix}{name}"] = value
+        return items
+
+    def short(value) -> str:
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    old, new = flat(old), flat(new)
+    changed = [f"{name}: {short(old.get(name))} -> {short(new.get(name))}"
+               for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+    return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
 def cache_root() -> Path:
     """$SFTMIX_CACHE, else ~/.cache/sftmix: the converted default model and tokenised datasets."""
     return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))
+
+
+# --------------------------------------------------------------------------- output directories
+
+
+def check_writable(directory: str | Path) -> None:
+    """Create `directory` and a file in it now, so an unwritable output is refused before any work, not after it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=directory, prefix=".sftmix-write-test.")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise InputError(f"{directory}: cannot write to the output directory ({err.strerror or err}); choose "
+                         "another --output_dir or fix its permissions") from err
+
+
+class OutputLock:
+    """One sftmix command at a time per output directory: an exclusive `flock` on `<dir>/.sftmix.lock`.
+
+    The operating system releases the lock when its process ends, however it ends, so a
+    crashed or killed run never leaves a directory locked. The file names the holder (pid,
+    host, start time, command) for the message a second run prints.
+    """
+
+    FILE = ".sftmix.lock"
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.handle = None
+
+    def acquire(self) -> None:
+        check_writable(self.directory)
+        handle = open(self.directory / self.FILE, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "holder unknown"
+            handle.close()
+            raise InputError(f"{self.directory} is in use by another sftmix run ({holder}); wait for it to end, or "
+                             "use another --output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}, "
+                     f"command: {' '.join(sys.argv)[:300]}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file releases the lock
+            self.handle = None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """Trainer writes a checkpoint's trainer_state.json last: complete = it parses, names this step, weights exist.
+
+    A process killed while `checkpoint-N` is written leaves weights without trainer_state.json,
+    or a trainer_state.json cut short; neither can be resumed from.
+    """
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    match = CHECKPOINT.fullmatch(path.name)
+    if not isinstance(state, dict) or match is None or state.get("global_step") != int(match.group(1)):
+        return False
+    engine_states = list(path.glob("pytorch_model_fsdp*")) + list(path.glob("global_step*"))  # FSDP, DeepSpeed
+    return any((path / name).is_file() for name in WEIGHT_FILES) or bool(engine_states)
+
+
+def newest_complete_checkpoint(directory: str | Path, also_needs: tuple[str, ...] = ()) -> str | None:
+    """The newest complete `checkpoint-N` in `directory` (holding `also_needs` files too); incomplete ones are named."""
+    directory = Path(directory)
+    found = sorted(
+        (int(match.group(1)), path) for path in (directory.iterdir() if directory.is_dir() else [])
+        if (match := CHECKPOINT.fullmatch(path.name)) and path.is_dir()
+    )
+    for _, path in reversed(found):
+        if checkpoint_is_complete(path) and all((path / name).exists() for name in also_needs):
+            return str(path)
+        logger.warning("%s is incomplete (the run was killed while writing it?): not resumed from; it is "
+                       "written again when training reaches that step", path)
+    return None

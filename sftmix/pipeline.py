@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -21,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_utils import get_last_checkpoint
-
 from . import distributed
 from . import dynamics as dyn
 from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from .data import DataReport, DatasetSpec, build_dataset, mix_records, read_confidence, spec_records, write_records
 from .errors import InputError
-from .files import file_hash, write_atomic, write_jsonl
+from .files import OutputLock, file_hash, key_changes, newest_complete_checkpoint, write_atomic, write_jsonl
 from .model import (
+    HUB_ID,
     check_loadable,
     check_model_path,
     check_vocabulary,
@@ -142,19 +142,35 @@ def build_trainer(
 
 
 def resume_checkpoint(config: SFTMixConfig) -> str | None:
-    """The checkpoint to resume from: the one asked for, else the newest in output_dir."""
+    """The checkpoint to resume from: the one asked for, else the newest complete one in output_dir."""
     if config.resume_from_checkpoint is not None:
         return config.resume_from_checkpoint
-    output_dir = Path(config.output_dir)
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    checkpoint = newest_complete_checkpoint(config.output_dir)
     if checkpoint:
         logger.warning("Resuming from %s", checkpoint)
     return checkpoint
 
 
+def claims_output_dir(recipe):
+    """Run `recipe(config, ...)` holding `config.output_dir`: refused at once when it cannot be written, or when
+    another sftmix run holds it (rank 0 takes the lock; the OS frees it when the process ends, however)."""
+
+    @functools.wraps(recipe)
+    def claimed(config, *args, **kwargs):
+        lock = OutputLock(config.output_dir)
+        distributed.on_main(lock.acquire)
+        try:
+            return recipe(config, *args, **kwargs)
+        finally:
+            lock.release()
+
+    return claimed
+
+
 # --------------------------------------------------------------------------- train
 
 
+@claims_output_dir
 def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     """Train with `config.loss_type` and save a `from_pretrained`-loadable model in `config.output_dir`.
 
@@ -264,6 +280,7 @@ def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path, base_m
 # --------------------------------------------------------------------------- dynamics
 
 
+@claims_output_dir
 def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     """Write confidence.jsonl, dynamics.json and confidence.png to `config.output_dir`.
 
@@ -279,6 +296,8 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     prepared = prepare(config)
     ids = prepared.dataset["id"]
     check_split_counts(len(ids), config.split_ratio)
+    key = dyn.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
+    distributed.on_main(dyn.clear_stale, output_dir, key)
     checkpoints, online_records = config.checkpoints, None
     if not checkpoints:
         checkpoints, online_records = _reference_run(config, prepared, callbacks)
@@ -293,7 +312,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
             for k, checkpoint in enumerate(checkpoints)
         ]
     rows = dyn.confidence_rows(ids, scores, config.split_ratio)
-    distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows)
+    distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows, key)
     return output_dir
 
 
@@ -308,7 +327,8 @@ def check_split_counts(count: int, split_ratio: float) -> None:
         )
 
 
-def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: list, rows: list[dict]) -> None:
+def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: list, rows: list[dict],
+                            key: dict) -> None:
     """confidence.jsonl, dynamics.json (what produced it + distribution summary) and confidence.png."""
     output_dir = Path(config.output_dir)
     write_jsonl(output_dir / "confidence.jsonl", rows)
@@ -325,6 +345,7 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
         "split_ratio": config.split_ratio,
         "processes": distributed.world_size(),
         "summary": dyn.summarise(rows),
+        "key": key,
     }, indent=2))
     dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
 
@@ -358,7 +379,8 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
 
 def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path):
     """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole."""
-    saved = distributed.on_main(dyn.load_scores, path, prepared.report.fingerprint)
+    key = dyn.scores_key(checkpoint, config, prepared)
+    saved = distributed.on_main(dyn.load_scores, path, key)
     if saved is not None:
         return saved
     # Sharded checkpoints (FSDP's default, ZeRO without 16-bit gathering) are merged once, by rank 0.
@@ -376,13 +398,14 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
     )
     scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
     distributed.on_main(dyn.check_scores, scores, prepared.dataset["id"])
-    distributed.on_main(dyn.save_scores, path, scores, prepared.report.fingerprint)
+    distributed.on_main(dyn.save_scores, path, scores, key)
     return scores
 
 
 # --------------------------------------------------------------------------- eval
 
 
+@claims_output_dir
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Score, generate and diagnose one model; writes metrics.json (+ outputs) to `config.output_dir`.
 
@@ -441,6 +464,7 @@ def _write_eval_outputs(output_dir: Path, metrics: dict[str, Any], files: dict[s
 # --------------------------------------------------------------------------- run
 
 
+@claims_output_dir
 def run(config: RunConfig, callbacks: list | None = None) -> Path:
     """The whole recipe; re-running the same command resumes where it stopped."""
     from . import report
@@ -458,12 +482,15 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     dyn_config = _stage_config(DynamicsConfig, config, output_dir=str(run_dir / "dynamics"),
                                num_train_epochs=config.dynamics_epochs, seed=config.seeds[0],
                                dataset_path=train_path, max_examples=None)
-    _stage(run_dir / "dynamics", {"data": _file_hash(train_path), **_config_key(dyn_config)},
+    # The base model's weights, not only its path: a model retrained in place makes these stages stale.
+    weights = dyn.model_identity(distributed.main_first(resolve_model_path, config.model_name_or_path))
+    dynamics_settings = {k: v for k, v in _config_key(dyn_config).items() if k not in MIXUP_ONLY_FIELDS}
+    _stage(run_dir / "dynamics", {"data": _file_hash(train_path), "model_weights": weights, **dynamics_settings},
            lambda: dynamics(dyn_config))
     variants = ["sftmix"] + ([] if config.no_baseline else ["ntp"])
     for seed in config.seeds:
         for variant in variants:
-            model_dir = _train_stage(config, run_dir, variant, seed, callbacks)
+            model_dir = _train_stage(config, run_dir, variant, seed, callbacks, weights)
             _eval_stage(config, run_dir, model_dir)
     if config.judge_base_url and not config.no_baseline:
         answers = [run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json" for s in config.seeds for v in variants]
@@ -474,7 +501,7 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     return run_dir
 
 
-def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, callbacks) -> Path:
+def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, callbacks, weights: dict) -> Path:
     """`sftmix-seed<S>` trains with config.loss_type on the split; `ntp-seed<S>` is the same run with plain NTP."""
     train_path, confidence_path = run_dir / "data" / "train.jsonl", run_dir / "dynamics" / "confidence.jsonl"
     mixing = variant == "sftmix"
@@ -483,7 +510,8 @@ def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, call
         loss_type=config.loss_type if mixing else "ntp", confidence_path=str(confidence_path) if mixing else None,
         dataset_path=str(train_path), max_examples=None, eval_dataset_path=str(run_dir / "data" / "heldout.jsonl"),
     )
-    inputs = {"data": _file_hash(str(train_path)), "confidence": _file_hash(str(confidence_path)) if mixing else None}
+    inputs = {"data": _file_hash(str(train_path)), "confidence": _file_hash(str(confidence_path)) if mixing else None,
+              "model_weights": weights}
     _stage(Path(train_config.output_dir), {**inputs, **_config_key(train_config)},
            lambda: train(train_config, callbacks=callbacks))
     return Path(train_config.output_dir)
@@ -501,9 +529,10 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path) -> None:
         use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
         attn_implementation=config.attn_implementation,
     )
-    inputs = {"model": _file_hash(str(model_dir / "model.safetensors")),
-              **{path: _file_hash(path) for path in [*eval_config.dataset, eval_config.prompts, train_path]}}
-    _stage(Path(eval_config.output_dir), {**inputs, **vars(eval_config)}, lambda: evaluate(eval_config))
+    settings = {name: value for name, value in vars(eval_config).items() if name != "output_dir"}
+    inputs = {"model_weights": _file_hash(str(model_dir / "model.safetensors")),
+              "file_contents": [_file_hash(path) for path in [*eval_config.dataset, eval_config.prompts, train_path]]}
+    _stage(Path(eval_config.output_dir), {**settings, **inputs}, lambda: evaluate(eval_config), run_dir=run_dir)
 
 
 def split_heldout(config: RunConfig, data_dir: Path) -> None:
@@ -521,6 +550,9 @@ def split_heldout(config: RunConfig, data_dir: Path) -> None:
     ordered = sorted(records, key=rank)
     num_heldout = max(1, round(len(ordered) * config.eval_fraction))
     heldout, training = ordered[:num_heldout], ordered[num_heldout:]
+    if len(training) < 2:
+        raise InputError(f"{report.source}: eval_fraction {config.eval_fraction} of {len(ordered)} records leaves "
+                         f"{len(training)} for training; use more data or a smaller --eval_fraction")
     write_atomic(data_dir / "heldout.jsonl", "".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in heldout))
     write_atomic(data_dir / "train.jsonl", "".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in training))
     write_atomic(data_dir / "split.json", json.dumps({"source": report.source, "train": len(training),
@@ -539,6 +571,7 @@ def _stage_config(config_class, run_config: RunConfig, **overrides):
 
 
 VOLATILE_FIELDS = {"logging_dir", "output_dir"}  # paths or timestamps that do not change results
+MIXUP_ONLY_FIELDS = {"mixup_alpha", "mixup_weight", "mixup_lambda_per"}  # no effect on the NTP reference run
 
 
 def _config_key(config) -> dict:
@@ -549,28 +582,65 @@ def _file_hash(path: str) -> str | None:
     return file_hash(path) if Path(path).is_file() else None
 
 
-def _stage(directory: Path, key: dict, work) -> None:
+def _stage(directory: Path, key: dict, work, run_dir: Path | None = None) -> None:
     """Run `work` unless `directory` holds a finished stage with the same key.
 
-    A folder left by a killed stage with the same key is kept (the stage resumes from
-    its checkpoints / score files); one made with another key is removed first. Rank 0
-    decides and keeps the books; every rank does the work (each stage coordinates its
-    own writes) and waits for the others at both ends.
+    The key is compared with its paths resolved (and relative to the run folder, `run_dir`,
+    default the stage's parent), so spelling the run folder another way redoes nothing. A
+    folder left by a killed stage with the same key is kept (the stage resumes from its
+    checkpoints / score files); one made with another key is removed first, with a message
+    naming what changed; a folder sftmix did not make is never removed. Rank 0 decides and
+    keeps the books; every rank does the work (each stage coordinates its own writes).
     """
+    key = stage_key(key, run_dir if run_dir is not None else directory.parent)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    if distributed.on_main(_open_stage, directory, digest) == "done":
+    if distributed.on_main(_open_stage, directory, digest, key) == "done":
         logger.warning("Stage %s: up to date, skipped", directory.name)
         return
     work()
     distributed.on_main(_close_stage, directory, digest, key)
 
 
-def _open_stage(directory: Path, digest: str) -> str:
+# Config fields and stage inputs that hold file or directory paths.
+PATH_FIELDS = {"dataset", "dataset_path", "model", "model_name_or_path", "confidence_path", "checkpoints",
+               "resume_from_checkpoint", "prompts", "confidence_dataset", "eval_datasets", "generation_prompts",
+               "chat_template_path", "deepspeed"}
+
+
+def stage_key(key: dict, run_dir: str | Path) -> dict:
+    """`key` with its paths resolved, those inside the run folder relative to it: `o/R`, `/abs/o/R` and a
+    moved run folder give the same key. A name that is no local path (a hub id) is kept as it is."""
+    root = Path(run_dir).resolve()
+
+    def identity(value):
+        if isinstance(value, (list, tuple)):
+            return [identity(item) for item in value]
+        if not isinstance(value, str):
+            return value
+        path = Path(value).expanduser()
+        if not path.exists() and HUB_ID.fullmatch(value):
+            return value
+        resolved = path.resolve()
+        return f"<run>/{resolved.relative_to(root)}" if resolved.is_relative_to(root) else str(resolved)
+
+    return {name: identity(value) if name in PATH_FIELDS else value for name, value in key.items()}
+
+
+def _open_stage(directory: Path, digest: str, key: dict) -> str:
     """'done' when the stage is finished with this key; else prepare its folder and return 'run'."""
     done, pending = directory / "stage.json", directory / "stage.pending.json"
-    if done.exists() and json.loads(done.read_text())["key"] == digest:
+    finished = json.loads(done.read_text()) if done.exists() else None
+    if finished is not None and finished["key"] == digest:
         return "done"
     if directory.exists() and not (pending.exists() and json.loads(pending.read_text())["key"] == digest):
+        made_by_us = finished is not None or pending.exists()
+        others = sorted(path.name for path in directory.iterdir() if path.name != OutputLock.FILE)
+        if not made_by_us and others:
+            raise InputError(f"{directory} holds files that `sftmix run` did not make (e.g. {others[:3]}); move them "
+                             "away or use another --output_dir: sftmix never deletes what it did not write")
+        if finished is not None:
+            logger.warning("Stage %s: settings changed since it finished (%s); it is redone and its results replaced",
+                           directory.name, key_changes(finished.get("inputs", {}), key))
         shutil.rmtree(directory)
     write_atomic(pending, json.dumps({"key": digest}))
     done.unlink(missing_ok=True)

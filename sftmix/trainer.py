@@ -267,6 +267,8 @@ class SFTMixTrainer(SFTTrainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Also count, once per optimisation step, what the step's two loss terms are normalised by."""
+        if self.state.global_step >= self.state.max_steps:
+            return [], None  # resumed from the final step: never train past max_steps (see no_step_past_max_steps)
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._step = _step_counts(batch_samples, self.mixing, device)
         self._micro_batch = 0
@@ -394,6 +396,7 @@ class SFTMixTrainer(SFTTrainer):
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._run_totals().restore(resume_from_checkpoint)
+        no_step_past_max_steps(resume_from_checkpoint, self.args.max_steps)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _run_totals(self) -> RunTotals:
@@ -488,6 +491,22 @@ def _step_counts(batch_samples: list[dict], mixing: bool, device) -> StepCounts:
         mixed = sum(_mixed_in_batch(batch) for batch in batch_samples)
     all_tokens, all_mixed = distributed.sum_over_ranks([ntp_tokens, mixed], device)
     return StepCounts(all_tokens, all_mixed, float(mixed), max(len(batch_samples), 1))
+
+
+def no_step_past_max_steps(checkpoint: str | None, max_steps: int) -> None:
+    """Refuse to resume from a checkpoint beyond max_steps; one AT max_steps trains no further step.
+
+    Resumed from the final checkpoint (a finished run run again, or one killed between its last
+    checkpoint and the final save), Trainer's loop still takes one optimisation step before it
+    checks max_steps; `get_batch_samples` hands it no batch then, so the weights stay those of
+    the final step and the final save writes them.
+    """
+    state_file = Path(checkpoint or "") / "trainer_state.json"
+    if checkpoint and max_steps > 0 and state_file.is_file():
+        step = json.loads(state_file.read_text()).get("global_step", 0)
+        if step > max_steps:
+            raise InputError(f"{checkpoint} is at step {step}, past --max_steps {max_steps}: resume with --max_steps "
+                             f">= {step}, or train into another --output_dir")
 
 
 class TrainingDiverged(InputError):

@@ -81,3 +81,18 @@ def test_refused_run_leaves_nothing_behind(tmp_path):
     result = sftmix(["dynamics", "--split_ratio", "1.5", "--output_dir", "dyn"], cwd=tmp_path)
     assert_one_clear_line(result.returncode, result.stderr, "--split_ratio must be strictly between 0 and 1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_guarantees_name_the_battery_that_checks_them():
+    """README's "What sftmix guarantees" cites `name` for tests/test_hostile_<name>.py; all exist, all are cited."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme.split("## What sftmix guarantees", 1)[1].split("\n## ", 1)[0]
+    cited = set(re.findall(r"`(\w+)`", " ".join(re.findall(r"\(((?:`\w+`(?:, )?)+)\)", section))))
+    battery = {path.stem.removeprefix("test_hostile_") for path in (root / "tests").glob("test_hostile_*.py")}
+    assert cited == battery
+    for heading in ("**Never lost.**", "**Resumed.**", "**Refused**"):
+        assert heading in section

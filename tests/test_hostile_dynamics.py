@@ -64,3 +64,74 @@ def test_split_ratio_leaving_a_group_empty_is_refused_before_training(tiny_model
     config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], split_ratio=0.01)
     with pytest.raises(InputError, match=r"split_ratio 0.01 over 16 examples gives 0 confident and 16 unconfident"):
         dynamics(config)
+
+
+# --------------------------------------------------------------------------- 3. stale results
+
+
+def read_text(path):
+    return path.read_text() if path.exists() else None
+
+
+def test_finished_split_made_with_other_settings_is_refused_not_reused(tiny_model_dir, tiny_data, tmp_path):
+    config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=2)
+    dynamics(config)
+    before = (tmp_path / "dyn" / "confidence.jsonl").read_text()
+    changed = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=2,
+                              learning_rate=5e-3)
+    with pytest.raises(InputError, match=r"dyn holds a finished confidence split made with other settings "
+                                         r"\(.*reference.learning_rate: 0.001 -> 0.005"):
+        dynamics(changed)
+    assert (tmp_path / "dyn" / "confidence.jsonl").read_text() == before
+    dynamics(config)  # the same settings again: accepted, same result
+    assert (tmp_path / "dyn" / "confidence.jsonl").read_text() == before
+
+
+def test_unfinished_reference_run_with_other_settings_is_redone(tiny_model_dir, tiny_data, tmp_path, monkeypatch,
+                                                                caplog):
+    """Killed while scoring with C = 4; rerun with C = 2: the reference run is redone, not reused."""
+    fresh = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="fresh", num_train_epochs=1,
+                                     num_checkpoints=2))
+    real_score = dyn.score_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(dyn, "score_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=4))
+    monkeypatch.setattr(dyn, "score_model", real_score)
+    dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=2))
+    assert (tmp_path / "dyn" / "confidence.jsonl").read_text() == (fresh / "confidence.jsonl").read_text()
+    assert "num_checkpoints: 4 -> 2" in caplog.text and "redone" in caplog.text
+
+
+def test_scores_of_another_checkpoint_in_a_folder_of_the_same_name_are_not_reused(tiny_model_dir, tiny_data,
+                                                                                  tmp_path, caplog):
+    import shutil
+
+    checkpoint = tmp_path / "ckpts" / "checkpoint-100"
+    shutil.copytree(tiny_model_dir, checkpoint)
+    dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(checkpoint)]))
+    for name in ("confidence.jsonl", "dynamics.json", "confidence.png"):  # killed after scoring, before the outputs
+        (tmp_path / "dyn" / name).unlink()
+    shutil.rmtree(checkpoint)
+
+    def scaled_head(model):
+        model.lm_head.weight.mul_(3.0)
+
+    model_variant(tiny_model_dir, checkpoint, scaled_head)  # another model under the same folder name
+    dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(checkpoint)]))
+    expected = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="fresh",
+                                        checkpoints=[str(checkpoint)]))
+    assert (tmp_path / "dyn" / "confidence.jsonl").read_text() == (expected / "confidence.jsonl").read_text()
+    assert "computed with other settings" in caplog.text and "rescored" in caplog.text
+
+
+def test_reference_folder_sftmix_did_not_record_is_not_deleted(tiny_model_dir, tiny_data, tmp_path):
+    mine = tmp_path / "dyn" / "reference"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"reference holds no record of the settings that made it"):
+        dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1))
+    assert (mine / "notes.txt").read_text() == "mine"

@@ -108,3 +108,80 @@ def test_runtime_and_train_loss_after_a_resume_cover_the_whole_run(tiny_model_di
     resumed = final_log(train(config("crashed"), callbacks=[SlowSteps()]))  # steps 5 and 6 only
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
     assert resumed["train_runtime"] >= 6 * 0.2
+
+
+# --------------------------------------------------------------------------- 4 / 5. checkpoints and max_steps
+
+
+def resumable(tmp_path, tiny_model_dir, tiny_data, name):
+    return make_config(tmp_path, output_dir=str(tmp_path / name), model_name_or_path=str(tiny_model_dir),
+                       dataset_path=str(tiny_data[0]), confidence_path=str(tiny_data[1]), max_steps=6,
+                       save_strategy="steps", save_steps=2, max_length=64)
+
+
+def weights(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(output_dir / "model.safetensors")
+
+
+def assert_same_weights(first, second):
+    import torch
+
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], msg=name)
+
+
+def final_step(output_dir):
+    return json.loads((output_dir / "trainer_state.json").read_text())["global_step"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tiny_data, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints every 2 steps): what every resumed run must equal."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    output_dir = train(resumable(tmp_path, tiny_model_dir, tiny_data, "straight"))
+    return output_dir, weights(output_dir), final_log(output_dir)
+
+
+@pytest.mark.parametrize("damage", ["no_trainer_state", "half_trainer_state"])
+def test_kill_while_a_checkpoint_is_written_does_not_block_resume(straight_run, tiny_model_dir, tiny_data,
+                                                                  tmp_path, damage):
+    import shutil
+
+    config = resumable(tmp_path, tiny_model_dir, tiny_data, "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[CrashAfter(4)])
+    # the kill hit while checkpoint-6 was being written: weights cut short, trainer_state.json missing or cut short
+    partial = tmp_path / "killed" / "checkpoint-6"
+    shutil.copytree(tmp_path / "killed" / "checkpoint-4", partial)
+    model_file = partial / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    state = partial / "trainer_state.json"
+    state.unlink() if damage == "no_trainer_state" else state.write_text(state.read_text()[:100])
+    output_dir = train(config)  # resumes from checkpoint-4, the newest complete one
+    assert_same_weights(weights(output_dir), straight_run[1])
+    assert final_step(output_dir) == 6
+
+
+def test_rerunning_a_finished_train_trains_no_step_past_max_steps(straight_run, tiny_model_dir, tiny_data,
+                                                                  tmp_path):
+    config = resumable(tmp_path, tiny_model_dir, tiny_data, "done")
+    first = weights(train(config))
+    output_dir = train(config)  # the same command again: checkpoint-6 is the final step
+    assert final_step(output_dir) == 6
+    assert_same_weights(weights(output_dir), first)
+    assert_same_weights(first, straight_run[1])
+
+
+def test_kill_between_last_checkpoint_and_final_save_adds_no_step(straight_run, tiny_model_dir, tiny_data,
+                                                                  tmp_path):
+    config = resumable(tmp_path, tiny_model_dir, tiny_data, "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[CrashAfter(6)])  # checkpoint-6 written, the final model not
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    output_dir = train(config)
+    assert final_step(output_dir) == 6
+    assert_same_weights(weights(output_dir), straight_run[1])
+    assert final_log(output_dir)["train_loss"] == pytest.approx(straight_run[2]["train_loss"], rel=1e-5)
