@@ -106,27 +106,33 @@ class OutputLock:
     """One sftmix command at a time per output directory: an exclusive `flock` on `<dir>/.sftmix.lock`.
 
     The operating system releases the lock when its process ends, however it ends, so a
-    crashed or killed run never leaves a directory locked. The file names the holder (pid,
-    host, start time, command) for the message a second run prints.
+    crashed or killed run never leaves a directory locked (its file stays and is reused). The
+    file names the holder (pid, host, start time, command) for the message a second run
+    prints, and is removed when the run ends normally.
     """
 
     FILE = ".sftmix.lock"
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self.path = self.directory / self.FILE
         self.handle = None
 
     def acquire(self) -> None:
         check_writable(self.directory)
-        handle = open(self.directory / self.FILE, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "holder unknown"
-            handle.close()
-            raise InputError(f"{self.directory} is in use by another sftmix run ({holder}); wait for it to end, or "
-                             "use another --output_dir") from None
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "holder unknown"
+                handle.close()
+                raise InputError(f"{self.directory} is in use by another sftmix run ({holder}); wait for it to end, "
+                                 "or use another --output_dir") from None
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+            handle.close()  # the previous holder removed the file after we opened it: lock the new one
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}, "
@@ -136,6 +142,7 @@ class OutputLock:
 
     def release(self) -> None:
         if self.handle is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it, so nobody locks a file that is going away
             self.handle.close()  # closing the file releases the lock
             self.handle = None
 

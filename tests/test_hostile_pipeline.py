@@ -71,6 +71,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tiny_model_dir, tiny_data, tmp_path):
     assert (output_dir / ".sftmix.lock").exists()
     result = pipeline.train(command_config("train", output_dir, tiny_model_dir, tiny_data[0]))
     assert (result / "model.safetensors").exists()
+    assert not (output_dir / ".sftmix.lock").exists()  # a run that ends normally removes its lock file
 
 
 # --------------------------------------------------------------------------- 9. unwritable output directories
