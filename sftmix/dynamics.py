@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from . import distributed
 from .data import tokenizer_fingerprint
 from .errors import InputError
-from .files import file_hash, key_changes, newest_complete_checkpoint, write_atomic
+from .files import key_changes, model_identity, newest_complete_checkpoint, write_atomic
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
 
@@ -258,7 +258,6 @@ def load_scores(path: Path, key: dict) -> CheckpointScores | None:
 
 # --------------------------------------------------------------------------- what determines a result
 
-SMALL_MODEL_BYTES = 64 << 20  # below this, a model's files are identified by their content, above by size and time
 # Settings that change the reference run's checkpoints (paths and logging do not).
 REFERENCE_SETTINGS = (
     "num_checkpoints", "online", "max_length", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
@@ -266,19 +265,6 @@ REFERENCE_SETTINGS = (
     "adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
     "seed", "data_seed", "bf16", "fp16", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
 )
-
-
-def model_identity(name_or_path: str) -> dict[str, Any]:
-    """What identifies a model's weights cheaply: per weight and config file a content hash when the model
-    is small (< 64 MiB), else its size and modification time. A hub id stands for itself."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        return {"hub_id": name_or_path}
-    files = [file for file in sorted(path.iterdir()) if file.is_file() and (
-        file.suffix == ".safetensors" or file.name in ("config.json", "adapter_config.json")
-        or file.name.endswith(".index.json") or (file.name.startswith("pytorch_model") and file.suffix == ".bin"))]
-    small = sum(file.stat().st_size for file in files) <= SMALL_MODEL_BYTES
-    return {file.name: file_hash(file) if small else [file.stat().st_size, file.stat().st_mtime_ns] for file in files}
 
 
 def _plain(value: Any) -> Any:
@@ -336,6 +322,7 @@ def clear_stale(output_dir: Path, key: dict[str, Any]) -> None:
         logger.warning("%s was trained with other settings (%s): it is redone", reference,
                        key_changes(recorded, key["reference"]))
         shutil.rmtree(reference)
+        shutil.rmtree(output_dir / "consolidated", ignore_errors=True)  # merged copies of the old checkpoints
     write_atomic(marker, json.dumps(key["reference"], indent=1))
 
 

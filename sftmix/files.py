@@ -81,6 +81,30 @@ def key_changes(old: dict, new: dict, limit: int = 6) -> str:
     return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
+SMALL_MODEL_BYTES = 64 << 20  # below this, a model's files are identified by their content, above by size and time
+NOT_WEIGHTS = ("optim", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
+
+
+def model_identity(name_or_path: str | Path) -> dict[str, Any]:
+    """What identifies a model's weights cheaply: for each weight and config file (also in FSDP / DeepSpeed shard
+    folders), a content hash when the model is small (< 64 MiB), else its size and modification time. A hub id
+    stands for itself. Optimizer and scheduler states are left out: they do not change a model's outputs."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return {"hub_id": str(name_or_path)}
+    folders = [path] + sorted(sub for sub in path.iterdir()
+                              if sub.is_dir() and sub.name.startswith(("pytorch_model_fsdp", "global_step")))
+    files = sorted(
+        file for folder in folders for file in folder.iterdir() if file.is_file()
+        and not any(part in file.name for part in NOT_WEIGHTS)
+        and (file.suffix in (".safetensors", ".bin", ".distcp", ".pt") or file.name.endswith(".index.json")
+             or file.name in ("config.json", "adapter_config.json", ".metadata"))
+    )
+    small = sum(file.stat().st_size for file in files) <= SMALL_MODEL_BYTES
+    return {str(file.relative_to(path)): file_hash(file) if small else [file.stat().st_size, file.stat().st_mtime_ns]
+            for file in files}
+
+
 def cache_root() -> Path:
     """$SFTMIX_CACHE, else ~/.cache/sftmix: the converted default model and tokenised datasets."""
     return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))

@@ -22,7 +22,7 @@ from typing import Any
 from .data import packaged_file
 from .distributed import unpartitioned_loading
 from .errors import InputError
-from .files import cache_root, write_atomic
+from .files import cache_root, model_identity, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def check_model_path(name_or_path: str, option: str = "--model_name_or_path") ->
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+        sharded = any(path.glob("pytorch_model_fsdp*")) or any(path.glob("global_step*"))  # FSDP / DeepSpeed
+        if not sharded and not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise InputError(f"{option} {name_or_path}: the directory holds no config.json, so it is not a model "
                              "directory (a `save_pretrained` folder or a checkpoint-N folder is)")
         return
@@ -379,7 +380,9 @@ def loadable_checkpoint(checkpoint: str, architecture: str, workdir: Path) -> st
     source = Path(checkpoint)
     if not source.is_dir() or any(source.glob("*.safetensors")) or any(source.glob("pytorch_model*.bin")):
         return checkpoint
-    target = workdir / f"{source.name}-{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
+    # Named by the shards' identity too: a checkpoint written again under the same path is merged again.
+    identity = json.dumps([str(source.resolve()), model_identity(source)], sort_keys=True)
+    target = workdir / f"{source.name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
     if (target / "model.safetensors").exists():
         return str(target)
     staging = Path(tempfile.mkdtemp(dir=_made(workdir), prefix=f".{target.name}."))
