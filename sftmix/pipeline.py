@@ -601,8 +601,8 @@ def _stage(directory: Path, key: dict, work, run_dir: Path | None = None) -> Non
     distributed.on_main(_close_stage, directory, digest, key)
 
 
-# Config fields and stage inputs that hold file or directory paths.
-PATH_FIELDS = {"dataset", "dataset_path", "model", "model_name_or_path", "confidence_path", "checkpoints",
+# Config fields and stage inputs that hold file or directory paths (and every field named *_path).
+PATH_FIELDS = {"dataset", "dataset_path", "datasets", "model", "model_name_or_path", "confidence_path", "checkpoints",
                "resume_from_checkpoint", "prompts", "confidence_dataset", "eval_datasets", "generation_prompts",
                "chat_template_path", "deepspeed"}
 
@@ -615,6 +615,9 @@ def stage_key(key: dict, run_dir: str | Path) -> dict:
     def identity(value):
         if isinstance(value, (list, tuple)):
             return [identity(item) for item in value]
+        if isinstance(value, dict):  # a dataset mixture entry
+            return {name: identity(item) if name in ("path", "data_files", "data_dir") else item
+                    for name, item in value.items()}
         if not isinstance(value, str):
             return value
         path = Path(value).expanduser()
@@ -623,7 +626,8 @@ def stage_key(key: dict, run_dir: str | Path) -> dict:
         resolved = path.resolve()
         return f"<run>/{resolved.relative_to(root)}" if resolved.is_relative_to(root) else str(resolved)
 
-    return {name: identity(value) if name in PATH_FIELDS else value for name, value in key.items()}
+    return {name: identity(value) if name in PATH_FIELDS or name.endswith("_path") else value
+            for name, value in key.items()}
 
 
 def _open_stage(directory: Path, digest: str, key: dict) -> str:

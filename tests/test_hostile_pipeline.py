@@ -142,7 +142,8 @@ def test_folder_not_made_by_sftmix_is_never_deleted(tmp_path):
 def test_stage_keys_hold_resolved_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text("{}\n")
-    spelled = [pipeline.stage_key({"dataset_path": path, "seed": 1}, tmp_path / "R")
+    spelled = [pipeline.stage_key({"dataset_path": path, "eval_dataset_path": path, "datasets": [{"path": path}],
+                                   "seed": 1}, tmp_path / "R")
                for path in ("d.jsonl", str(tmp_path / "d.jsonl"), "./sub/../d.jsonl")]
     assert spelled[0] == spelled[1] == spelled[2]
     (tmp_path / "R" / "m").mkdir(parents=True)
