@@ -5,6 +5,7 @@
     sftmix run       [--config run.yaml] [--field value ...]      (no arguments: the embedded quick-start)
     sftmix eval      --model DIR --dataset FILE [--prompts FILE] ...
     sftmix compare-splits A/confidence.jsonl B/confidence.jsonl
+    sftmix select    --dataset_path data.jsonl --by confidence|variability|length --k N|--fraction F --output x.jsonl
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ COMMANDS = {
     "run": "the whole recipe: dynamics, SFTMix, NTP baseline, eval, report (resumable)",
     "eval": "held-out NLL, generations (AlpacaEval / MT-Bench formats), confidence spread",
     "compare-splits": "fraction of examples in the same group in two confidence files",
+    "select": "write a subset of a dataset by confidence, variability or response length",
 }
 
 
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command, rest = argv[0], [arg for arg in argv[1:] if arg != "--debug"]
     debug = "--debug" in argv or os.environ.get("SFTMIX_DEBUG") == "1"
-    handlers = {"train": _train, "dynamics": _dynamics, "run": _run, "eval": _eval, "compare-splits": _compare_splits}
+    handlers = {"train": _train, "dynamics": _dynamics, "run": _run, "eval": _eval, "compare-splits": _compare_splits,
+                "select": _select}
     from .errors import InputError
 
     try:
@@ -125,6 +128,18 @@ def _compare_splits(argv: list[str]) -> int:
                      for path in (args.first, args.second))
     agreement = split_agreement(first, second)
     print(f"split agreement: {agreement:.4f} of shared examples in the same group")
+    return 0
+
+
+def _select(argv: list[str]) -> int:
+    from .config import SelectConfig
+    from .selection import select, summary_path
+
+    config = _parse(SelectConfig, "sftmix select", argv)
+    summary = select(config)
+    low, high = summary["selected_range"]
+    print(f"Selected {summary['selected']} of {summary['scored']} scored records by {config.by} ({config.keep}, "
+          f"{low:.4g} to {high:.4g}) -> {config.output}  (summary: {summary_path(config.output)})")
     return 0
 
 

@@ -36,6 +36,17 @@ def check_ranges(config, rules: dict[str, str]) -> None:
 
 LOSS_TYPES = ("sftmix", "ntp", "equal", "mixup_only")
 
+# `sftmix run --variants`: what each variant trains. Every variant sees the same data, split, seeds,
+# steps and settings; they differ only in the loss (and NEFTune's embedding noise for `neftune`).
+VARIANT_LOSS_TYPES = {
+    "ntp": "ntp",  # plain SFT: the baseline every other variant is compared with
+    "sftmix": "sftmix",  # NTP + mu * Mixup (the paper)
+    "neftune": "ntp",  # NTP with NEFTune noise on the input embeddings (Jain et al., 2023)
+    "equal": "equal",  # 0.5 NTP + 0.5 Mixup (the paper's ablation)
+    "mixup_only": "mixup_only",  # Mixup alone (the paper's ablation)
+}
+VARIANTS = tuple(VARIANT_LOSS_TYPES)
+
 # (ntp weight, mixup weight) per loss type; mu comes from `mixup_weight`.
 LOSS_WEIGHTS = {
     "ntp": lambda mu: (1.0, 0.0),
@@ -310,14 +321,39 @@ class RunConfig(_DynamicsFields, SFTMixConfig):
     eval_fraction: float = field(
         default=0.05, metadata={"help": "Fraction of the data held out (never trained on) for evaluation."}
     )
-    no_baseline: bool = field(default=False, metadata={"help": "Skip the NTP baseline."})
+    variants: list[str] = field(
+        default_factory=lambda: ["ntp", "sftmix"],
+        metadata={"help": "What to train and compare, each once per seed in `<variant>-seed<S>/`: ntp (plain SFT, "
+                  "the baseline), sftmix (NTP + mixup_weight * Mixup), neftune (NTP with NEFTune embedding noise), "
+                  "equal (0.5 NTP + 0.5 Mixup), mixup_only (the paper's ablations)."},
+    )
+    neftune_noise_alpha: float | None = field(
+        default=5.0,
+        metadata={"help": "NEFTune noise alpha of the `neftune` variant (NEFTune paper: 5); the other variants "
+                  "train without noise."},
+    )
+    loss_type: str | None = field(
+        default=None,
+        metadata={"help": "Deprecated in `sftmix run` (use --variants): trains this loss in place of `sftmix`."},
+    )
+    no_baseline: bool = field(
+        default=False, metadata={"help": "Deprecated (use --variants without ntp): leaves `ntp` out of variants."}
+    )
     seeds: list[int] = field(
         default_factory=lambda: [42],
         metadata={"help": "Train and evaluate once per seed (e.g. --seeds 1 2 3); the report gives mean and std."},
     )
+    bootstrap_resamples: int = field(
+        default=10000,
+        metadata={"help": "Resamples of the two-level (seeds x examples) bootstrap behind the report's intervals."},
+    )
     dynamics_epochs: float = field(default=1.0, metadata={"help": "Reference run length; paper: 1 epoch."})
     eval_datasets: list[str] | None = field(
         default=None, metadata={"help": "Reference sets (instruction + reference output) scored for response NLL."}
+    )
+    eval_max_examples: int | None = field(
+        default=None, metadata={"help": "Score only the first N records of each of eval_datasets (the held-out "
+                                "split is always scored whole); None: all."}
     )
     generation_prompts: str | None = field(
         default=None,
@@ -336,14 +372,72 @@ class RunConfig(_DynamicsFields, SFTMixConfig):
     judge_api_key_env: str = field(
         default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
     )
+    mt_bench_questions: str | None = field(
+        default=None, metadata={"help": "FastChat MT-Bench question.jsonl: each model's answers are written to "
+                                "eval/<model>/mt_bench_answers.jsonl (score them with FastChat's llm_judge)."}
+    )
+    alpaca_eval_scorer: str = field(
+        default="auto",
+        metadata={"help": "Score AlpacaEval answers with the official length-controlled scorer (`alpaca-eval` "
+                  "package) instead of our pairwise judge: auto (when the package and a judge endpoint are there), "
+                  "on (error if not), off.", "choices": ["auto", "on", "off"]},
+    )
+    alpaca_eval_annotator: str = field(
+        default="weighted_alpaca_eval_gpt4_turbo",
+        metadata={"help": "alpaca_eval --annotators_config (AlpacaEval 2.0's length-controlled default)."},
+    )
+    alpaca_eval_reference: str | None = field(
+        default=None, metadata={"help": "alpaca_eval --reference_outputs (default: alpaca_eval's own, GPT-4 Turbo)."}
+    )
 
     def __post_init__(self):
+        self.variants = resolve_variants(self.variants, self.loss_type, self.no_baseline)
+        if "neftune" in self.variants and not (self.neftune_noise_alpha or 0) > 0:
+            raise InputError(f"the neftune variant needs neftune_noise_alpha > 0, got {self.neftune_noise_alpha}")
+        # SFTMixConfig checks the batch (even for balanced batches) against one loss type: the strictest one used.
+        self.loss_type = "sftmix" if self.mixing_variants else "ntp"
         super().__post_init__()
+        self.loss_type = None  # each variant's stage sets its own (VARIANT_LOSS_TYPES)
         self._check_dynamics_fields()
         check_ranges(self, {"eval_fraction": "fraction", "dynamics_epochs": "positive", "num_generations": "positive",
                             "max_new_tokens": "positive", "num_confidence_examples": "positive"})
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise InputError(f"--seeds must be distinct (each trains one SFTMix/NTP pair), got {self.seeds}")
+            raise InputError(f"--seeds must be distinct (each trains every variant once), got {self.seeds}")
+        if self.bootstrap_resamples < 100:
+            raise InputError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
+
+    @property
+    def mixing_variants(self) -> list[str]:
+        """The variants that train on the confidence split (and so need Stage 1)."""
+        return [variant for variant in self.variants if VARIANT_LOSS_TYPES[variant] != "ntp"]
+
+
+def resolve_variants(variants: list[str], loss_type: str | None, no_baseline: bool) -> list[str]:
+    """Validate `--variants` and fold in the deprecated `loss_type` / `no_baseline` of earlier `sftmix run`s.
+
+    Before `--variants`, `sftmix run` trained `loss_type` in the `sftmix-seed<S>` stage, plus an NTP
+    baseline unless `no_baseline`. Now `loss_type: X` replaces `sftmix` in the variants by X, and
+    `no_baseline` drops `ntp`; both warn.
+    """
+    import logging
+
+    logger = logging.getLogger(__name__)
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if unknown:
+        raise InputError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+    chosen = list(dict.fromkeys(variants))  # drop repeats, keep the order
+    if loss_type is not None:
+        if loss_type not in LOSS_TYPES:
+            raise InputError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        logger.warning("`loss_type` is deprecated in `sftmix run`: use --variants (e.g. --variants ntp %s)", loss_type)
+        if "sftmix" in chosen:
+            chosen = list(dict.fromkeys(loss_type if variant == "sftmix" else variant for variant in chosen))
+    if no_baseline:
+        logger.warning("`no_baseline` is deprecated: use --variants without ntp")
+        chosen = [variant for variant in chosen if variant != "ntp"]
+    if not chosen:
+        raise InputError(f"no variant left to train: give --variants (one or more of {', '.join(VARIANTS)})")
+    return chosen
 
 
 @dataclass
@@ -378,11 +472,78 @@ class EvalConfig:
                                                                             "float16"]},
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel (sdpa, eager, ...)."})
+    mt_bench_questions: str | None = field(
+        default=None, metadata={"help": "FastChat MT-Bench question.jsonl, answered turn by turn into "
+                                "mt_bench_answers.jsonl (FastChat's answer format)."}
+    )
+    alpaca_eval_scorer: str = field(
+        default="auto",
+        metadata={"help": "Score model_outputs.json with `alpaca_eval` (AlpacaEval 2 length-controlled win rate): "
+                  "auto (when the alpaca-eval package and a judge endpoint are there), on (error if not), off.",
+                  "choices": ["auto", "on", "off"]},
+    )
+    alpaca_eval_annotator: str = field(
+        default="weighted_alpaca_eval_gpt4_turbo", metadata={"help": "alpaca_eval --annotators_config."}
+    )
+    alpaca_eval_reference: str | None = field(
+        default=None, metadata={"help": "alpaca_eval --reference_outputs (default: alpaca_eval's own)."}
+    )
+    judge_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible judge endpoint for alpaca_eval (its OPENAI_API_BASE)."}
+    )
+    judge_api_key_env: str = field(
+        default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
+    )
 
     def __post_init__(self):
         check_ranges(self, {"max_length": "positive", "max_examples": "positive?", "num_generations": "positive?",
                             "max_new_tokens": "positive", "batch_size": "positive", "scoring_batch_tokens": "positive",
                             "confidence_max_examples": "positive?"})
-        if not (self.dataset or self.prompts or self.confidence_dataset):
-            raise InputError("nothing to evaluate: give --dataset (NLL), --prompts (generation) and/or "
-                             "--confidence_dataset (confidence spread)")
+        if not (self.dataset or self.prompts or self.confidence_dataset or self.mt_bench_questions):
+            raise InputError("nothing to evaluate: give --dataset (NLL), --prompts (generation), "
+                             "--mt_bench_questions and/or --confidence_dataset (confidence spread)")
+
+
+@dataclass
+class SelectConfig:
+    """`sftmix select`: a subset of a dataset by confidence, variability or response length."""
+
+    output: str = field(metadata={"help": "The subset: a .jsonl or .json file (records as in the input); a "
+                                  "summary goes to <output>.selection.json."})
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "The dataset to select from (any supported format). Default: the embedded "
+                                "ShareGPT V3."})
+    dataset_split: str = field(default="train", metadata={"help": "Split, for a HF dataset name."})
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Use only the first N records (as `sftmix dynamics --max_examples` did)."}
+    )
+    by: str = field(
+        default="confidence",
+        metadata={"help": "confidence or variability (from --confidence_path), or length (characters of the "
+                  "assistant replies; the paper's 'longest responses' selection).",
+                  "choices": ["confidence", "variability", "length"]},
+    )
+    keep: str = field(default="top", metadata={"help": "Keep the highest (top) or lowest (bottom) scores.",
+                                                "choices": ["top", "bottom"]})
+    k: int | None = field(default=None, metadata={"help": "How many records to keep (or give --fraction)."})
+    fraction: float | None = field(default=None, metadata={"help": "Fraction of the scored records to keep."})
+    confidence_path: str | None = field(
+        default=None, metadata={"help": "confidence.jsonl of `sftmix dynamics` on this dataset (for confidence / "
+                                "variability)."}
+    )
+
+    def __post_init__(self):
+        from pathlib import Path
+
+        if self.by not in ("confidence", "variability", "length"):
+            raise InputError(f"--by must be confidence, variability or length, got {self.by!r}")
+        if self.keep not in ("top", "bottom"):
+            raise InputError(f"--keep must be top or bottom, got {self.keep!r}")
+        if (self.k is None) == (self.fraction is None):
+            raise InputError("give exactly one of --k (a count) and --fraction")
+        if self.k is not None and self.k < 1:
+            raise InputError(f"--k must be >= 1, got {self.k}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise InputError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if Path(self.output).suffix not in (".jsonl", ".json"):
+            raise InputError(f"--output {self.output}: use a .jsonl or .json file name")

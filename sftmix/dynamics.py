@@ -2,6 +2,7 @@
 
     Perp_c(i) = exp(mean response-token NLL of example i at checkpoint c)
     Conf(i)   = -(1/C) * sum_c Perp_c(i)
+    Var(i)    = std_c Perp_c(i)   (variability, beyond the paper: Dataset Cartography's second axis)
     split     : the top `split_ratio` by confidence is "confident" (ties broken by id), the rest "unconfident"
 
 Scoring is batched by length (little padding), runs in inference mode and never
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +347,12 @@ def split_groups(ids: list[str], confidences: list[float], split_ratio: float = 
     return groups
 
 
+def variability(scores: list[CheckpointScores]) -> list[float]:
+    """Var(i) = std over checkpoints of Perp_c(i) (population std, as Dataset Cartography; 0 with C = 1)."""
+    per_checkpoint = [score.perplexities for score in scores]
+    return [statistics.pstdev(values) for values in zip(*per_checkpoint)]
+
+
 def confidence_rows(ids, scores: list[CheckpointScores], split_ratio: float) -> list[dict[str, Any]]:
     values = confidence(scores)
     overflowing = [example_id for example_id, value in zip(ids, values) if not math.isfinite(value)]
@@ -352,11 +360,13 @@ def confidence_rows(ids, scores: list[CheckpointScores], split_ratio: float) -> 
         raise InputError(f"the mean perplexity of {len(overflowing)} examples overflows a float (e.g. ids "
                          f"{overflowing[:5]}): at least one checkpoint diverged; score other checkpoints")
     groups = split_groups(ids, values, split_ratio)
+    spreads = variability(scores)
     perplexities = list(zip(*[score.perplexities for score in scores]))
     return [
-        {"id": example_id, "confidence": value, "group": group, "perplexities": list(perps),
+        {"id": example_id, "confidence": value, "variability": spread, "group": group, "perplexities": list(perps),
          "num_tokens": scores[0].num_tokens[index]}
-        for index, (example_id, value, group, perps) in enumerate(zip(ids, values, groups, perplexities))
+        for index, (example_id, value, spread, group, perps) in enumerate(
+            zip(ids, values, spreads, groups, perplexities))
     ]
 
 
@@ -375,6 +385,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for group in ("confident", "unconfident"):
         members = [row["confidence"] for row in rows if row["group"] == group]
         summary[group] = {"count": len(members), **quantiles(members)}
+    if rows and all("variability" in row for row in rows):  # files written before variability lack it
+        summary["variability"] = {
+            group: quantiles([row["variability"] for row in rows if group == "all" or row["group"] == group])
+            for group in ("all", "confident", "unconfident")
+        }
     return summary
 
 
@@ -402,6 +417,45 @@ def plot_confidence(rows: list[dict[str, Any]], path: Path, title: str = "") -> 
     axis.set_xlabel("confidence = - mean perplexity over checkpoints")
     axis.set_ylabel("examples")
     axis.set_title(title or "SFTMix confidence")
+    axis.legend()
+    figure.tight_layout()
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging, dpi=120)
+    plt.close(figure)
+    staging.replace(path)
+
+
+def plot_data_map(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Dataset-Cartography-style map: confidence (y) against variability (x), one colour per group.
+
+    Perplexity has a long tail, so both axes are cut at the 1st/99th percentile (with 100+ examples)
+    and the title says how many points fall outside.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    confidences = np.array([row["confidence"] for row in rows])
+    spreads = np.array([row["variability"] for row in rows])
+    if len(rows) >= 100:
+        low_conf, high_var = np.percentile(confidences, 1), np.percentile(spreads, 99)
+    else:
+        low_conf, high_var = confidences.min(), spreads.max()
+    shown = (confidences >= low_conf) & (spreads <= high_var)
+    figure, axis = plt.subplots(figsize=(6, 5))
+    for group, colour in (("confident", "tab:blue"), ("unconfident", "tab:orange")):
+        member = shown & np.array([row["group"] == group for row in rows])
+        axis.scatter(spreads[member], confidences[member], s=10, alpha=0.6, color=colour,
+                     label=f"{group} ({int(member.sum())} shown)")
+    hidden = int((~shown).sum())
+    title = title or "Data map"
+    if hidden:
+        title += f"; {hidden} outside the 1st/99th percentiles not shown"
+    axis.set_xlabel("variability = std of perplexity over checkpoints")
+    axis.set_ylabel("confidence = - mean perplexity over checkpoints")
+    axis.set_title(title, fontsize=10)
     axis.legend()
     figure.tight_layout()
     staging = path.with_name(f".{path.name}.tmp.png")

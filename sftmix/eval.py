@@ -5,6 +5,7 @@
     alpaca_eval_outputs(...) / mt_bench_answers(...)    the two public answer formats
     JudgeClient                          pairwise A-vs-B judging over an OpenAI-compatible endpoint
     confidence_spread(model, dataset)    the paper's diagnostic: std of per-example confidence
+    run_alpaca_eval(model_outputs, ...)  the official AlpacaEval 2 length-controlled scorer (`alpaca-eval` package)
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -48,12 +51,19 @@ def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, de
             "num_examples": len(per_example), "per_example": per_example}
 
 
-def confidence_spread(model, dataset, pad_id: int, max_tokens: int = 16384) -> dict[str, float]:
-    """The paper's diagnostic: std (and mean) of per-example confidence (= -perplexity) under one model."""
+def confidence_spread(model, dataset, pad_id: int, max_tokens: int = 16384) -> dict[str, Any]:
+    """The paper's diagnostic: std (and mean) of per-example confidence (= -perplexity) under one model.
+
+    `per_example` ({id, confidence, num_tokens} in dataset order) lets the report bootstrap the std.
+    """
     nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc="Confidence")
     check_finite(dataset["id"], nll_sum, num_tokens, "confidence spread")
-    confidences = torch.tensor([-math.exp(nll / max(count, 1)) for nll, count in zip(nll_sum, num_tokens)])
-    return {"confidence_std": confidences.std().item(), "confidence_mean": confidences.mean().item()}
+    values = [-math.exp(nll / max(count, 1)) for nll, count in zip(nll_sum, num_tokens)]
+    confidences = torch.tensor(values, dtype=torch.float64)
+    return {"confidence_std": confidences.std().item(), "confidence_mean": confidences.mean().item(),
+            "num_examples": len(values),
+            "per_example": [{"id": example_id, "confidence": value, "num_tokens": count}
+                            for example_id, value, count in zip(dataset["id"], values, num_tokens)]}
 
 
 def check_finite(ids: list[str], nll_sum: list[float], num_tokens: list[int], what: str) -> None:
@@ -359,3 +369,84 @@ def pairwise_judge(client: JudgeClient, instructions: list[str], answers_x: list
                 wins[names[0] if verdict == x_label else names[1]] += 0.5
     win_rate = wins[names[0]] / judged if judged else None
     return {"judged": judged, "failed": failed, "wins": wins, f"{names[0]}_win_rate": win_rate}
+
+
+# --------------------------------------------------------------------------- official AlpacaEval 2 scorer
+
+ALPACA_EVAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"  # AlpacaEval 2.0's length-controlled default
+ALPACA_EVAL_NUMBERS = ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "n_total",
+                       "avg_length")
+
+
+def alpaca_eval_wanted(mode: str, has_prompts: bool, judge_base_url: str | None, api_key_env: str) -> bool:
+    """Whether to score with `alpaca_eval`: 'on' insists (InputError naming what is missing), 'auto' runs it
+    when the package and a judge endpoint are there, 'off' never. Decided before any generation."""
+    if mode not in ("auto", "on", "off"):
+        raise InputError(f"alpaca_eval_scorer must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return False
+    missing = []
+    if not has_prompts:
+        missing.append("AlpacaEval prompts to answer (--prompts / --generation_prompts)")
+    if shutil.which("alpaca_eval") is None:
+        missing.append("the `alpaca_eval` command (pip install alpaca-eval)")
+    endpoint = bool(judge_base_url and os.environ.get(api_key_env)) or bool(os.environ.get("OPENAI_CLIENT_CONFIG_PATH"))
+    if not endpoint:
+        missing.append(f"a judge endpoint (--judge_base_url with its key in ${api_key_env}, or alpaca_eval's own "
+                       "OPENAI_CLIENT_CONFIG_PATH)")
+    if not missing:
+        return True
+    if mode == "on":
+        raise InputError("--alpaca_eval_scorer on needs " + " and ".join(missing))
+    return False
+
+
+def run_alpaca_eval(
+    model_outputs: str | os.PathLike, output_dir: str | os.PathLike, name: str,
+    annotator: str = ALPACA_EVAL_ANNOTATOR, reference_outputs: str | None = None,
+    judge_base_url: str | None = None, api_key_env: str = "SFTMIX_JUDGE_API_KEY",
+) -> dict[str, Any]:
+    """Run `alpaca_eval evaluate` on a model_outputs.json and return this model's leaderboard row.
+
+    The judge endpoint reaches alpaca_eval's OpenAI client through its environment (OPENAI_API_BASE and
+    OPENAI_API_KEY, the latter copied from `api_key_env`), never the command line; an
+    OPENAI_CLIENT_CONFIG_PATH of the user's is left as it is. The shared leaderboard inside the package
+    is not modified (--is_cache_leaderboard False).
+    """
+    from pathlib import Path
+
+    output_dir = Path(output_dir)
+    command = ["alpaca_eval", "evaluate", "--model_outputs", str(model_outputs), "--annotators_config", annotator,
+               "--output_path", str(output_dir), "--name", name, "--is_cache_leaderboard", "False"]
+    if reference_outputs:
+        command += ["--reference_outputs", str(reference_outputs)]
+    environment = dict(os.environ)
+    if judge_base_url:
+        environment["OPENAI_API_BASE"] = judge_base_url
+    if os.environ.get(api_key_env):
+        environment["OPENAI_API_KEY"] = os.environ[api_key_env]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise InputError(f"alpaca_eval failed (exit {done.returncode}) on {model_outputs}: {' | '.join(tail)}. The "
+                         f"answers are kept in {model_outputs}; check the judge endpoint and key, or score them by "
+                         f"hand: {' '.join(command)}")
+    # alpaca_eval puts results under <output_path>/<annotator>/ when the annotator is a config name
+    candidates = [output_dir / annotator / "leaderboard.csv", output_dir / "leaderboard.csv"]
+    leaderboard = next((path for path in candidates if path.exists()), None)
+    if leaderboard is None:
+        raise InputError(f"alpaca_eval exited 0 but wrote no leaderboard.csv under {output_dir}")
+    return {"annotator": annotator, **_leaderboard_row(leaderboard, name)}
+
+
+def _leaderboard_row(path, name: str) -> dict[str, float]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    header = rows[0]
+    for row in rows[1:]:
+        if row and row[0] == name:
+            values = dict(zip(header[1:], row[1:]))
+            return {key: float(values[key]) for key in ALPACA_EVAL_NUMBERS if values.get(key, "") != ""}
+    raise InputError(f"{path}: no row for {name!r}")

@@ -4,7 +4,8 @@
     dynamics(config):  dataset -> NTP reference run with C checkpoints (or given checkpoints)
                        -> response NLL per example and checkpoint -> confidence -> split -> files
     evaluate(config):  held-out / reference NLL -> generations -> confidence spread -> metrics.json
-    run(config):       held-out split -> dynamics -> SFTMix -> NTP baseline -> eval -> judge -> report,
+    run(config):       held-out split -> dynamics -> each variant x seed (ntp, sftmix, neftune, ...) -> eval
+                       -> judge -> report with intervals against NTP,
                        each stage in its own folder, skipped when its inputs and config are unchanged
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 
 from . import distributed
 from . import dynamics as dyn
-from .config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
+from .config import VARIANT_LOSS_TYPES, DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from .data import DataReport, DatasetSpec, build_dataset, mix_records, read_confidence, spec_records, write_records
 from .errors import InputError
 from .files import OutputLock, file_hash, key_changes, newest_complete_checkpoint, write_atomic, write_jsonl
@@ -348,6 +349,8 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
         "key": key,
     }, indent=2))
     dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
+    dyn.plot_data_map(rows, output_dir / "data_map.png",
+                      title=f"Data map ({len(rows)} examples, {len(scores)} checkpoints)")
 
 
 def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None]:
@@ -413,6 +416,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """
     from . import eval as ev
 
+    # decided before any work: `--alpaca_eval_scorer on` without the package or a judge fails here
+    official_scorer = ev.alpaca_eval_wanted(config.alpaca_eval_scorer, bool(config.prompts), config.judge_base_url,
+                                            config.judge_api_key_env)
+    if config.mt_bench_questions and not Path(config.mt_bench_questions).is_file():
+        raise InputError(f"--mt_bench_questions {config.mt_bench_questions}: no such file (FastChat's "
+                         "fastchat/llm_judge/data/mt_bench/question.jsonl)")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     device = distributed.device(config.use_cpu)
     with distributed.unpartitioned_loading():  # every rank holds a whole model
@@ -429,13 +438,35 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         metrics["likelihood"][name] = result | {"path": str(path)}
     if config.prompts:
         metrics["generation"] = _generate(config, model, tokenizer, files)
+    if config.mt_bench_questions:
+        metrics["mt_bench"] = _answer_mt_bench(config, model, tokenizer, files)
     if config.confidence_dataset:
         dataset, _ = distributed.main_first(build_dataset, config.confidence_dataset, tokenizer, config.max_length,
                                             config.confidence_max_examples)
-        metrics["confidence"] = ev.confidence_spread(model, dataset, tokenizer.pad_token_id,
-                                                     config.scoring_batch_tokens)
-    distributed.on_main(_write_eval_outputs, Path(config.output_dir), metrics, files)
+        spread = ev.confidence_spread(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens)
+        files["confidence_spread.jsonl"] = spread.pop("per_example")
+        metrics["confidence"] = spread
+    output_dir = Path(config.output_dir)
+    distributed.on_main(_write_eval_outputs, output_dir, metrics, files)
+    if official_scorer:  # the answers and every other number are on disk before the judge is called
+        metrics["alpaca_eval"] = distributed.on_main(
+            ev.run_alpaca_eval, output_dir / "model_outputs.json", output_dir / "alpaca_eval",
+            config.generator or Path(config.model).name, config.alpaca_eval_annotator, config.alpaca_eval_reference,
+            config.judge_base_url, config.judge_api_key_env)
+        distributed.on_main(write_atomic, output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
+    """FastChat MT-Bench answers (model_answer format), every turn answered greedily in order."""
+    from . import eval as ev
+
+    questions = ev.load_prompts(config.mt_bench_questions)
+    answers = ev.generate_answers(model, tokenizer, [q["turns"] for q in questions], config.max_new_tokens,
+                                  config.batch_size, desc="MT-Bench")
+    files["mt_bench_answers.jsonl"] = ev.mt_bench_answers(questions, answers,
+                                                          config.generator or Path(config.model).name)
+    return {"questions": len(questions), "turns": sum(len(q["turns"]) for q in questions)}
 
 
 def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
@@ -447,7 +478,7 @@ def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> di
                                   config.batch_size)
     generator = config.generator or Path(config.model).name
     files["model_outputs.json"] = ev.alpaca_eval_outputs(prompts, answers, generator)
-    if any(len(p["turns"]) > 1 for p in prompts):
+    if any(len(p["turns"]) > 1 for p in prompts) and not config.mt_bench_questions:
         files["mt_bench_answers.jsonl"] = ev.mt_bench_answers(prompts, answers, generator)
     return {"prompts": len(prompts), "mean_answer_words": sum(len(a[0].split()) for a in answers) / len(answers)}
 
@@ -468,7 +499,14 @@ def _write_eval_outputs(output_dir: Path, metrics: dict[str, Any], files: dict[s
 def run(config: RunConfig, callbacks: list | None = None) -> Path:
     """The whole recipe; re-running the same command resumes where it stopped."""
     from . import report
+    from .eval import alpaca_eval_wanted
 
+    if config.mt_bench_questions and not Path(config.mt_bench_questions).is_file():  # found out now, not after training
+        raise InputError(f"--mt_bench_questions {config.mt_bench_questions}: no such file (FastChat's "
+                         "fastchat/llm_judge/data/mt_bench/question.jsonl)")
+    # the official AlpacaEval 2 scorer replaces our pairwise judge when it can run (decided before any training)
+    official_scorer = alpaca_eval_wanted(config.alpaca_eval_scorer, config.generation_prompts is not None,
+                                         config.judge_base_url, config.judge_api_key_env)
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolve_datasets(config, with_test=False)  # the run evaluates on its own held-out split
@@ -481,19 +519,21 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     train_path = str(data_dir / "train.jsonl")
     dyn_config = _stage_config(DynamicsConfig, config, output_dir=str(run_dir / "dynamics"),
                                num_train_epochs=config.dynamics_epochs, seed=config.seeds[0],
-                               dataset_path=train_path, max_examples=None)
+                               dataset_path=train_path, max_examples=None, neftune_noise_alpha=None)
     # The base model's weights, not only its path: a model retrained in place makes these stages stale.
     weights = dyn.model_identity(distributed.main_first(resolve_model_path, config.model_name_or_path))
     dynamics_settings = {k: v for k, v in _config_key(dyn_config).items() if k not in MIXUP_ONLY_FIELDS}
     _stage(run_dir / "dynamics", {"data": _file_hash(train_path), "model_weights": weights, **dynamics_settings},
            lambda: dynamics(dyn_config))
-    variants = ["sftmix"] + ([] if config.no_baseline else ["ntp"])
+    variants = config.variants
+    references = distributed.on_main(_reference_sets, config, data_dir)
     for seed in config.seeds:
         for variant in variants:
             model_dir = _train_stage(config, run_dir, variant, seed, callbacks, weights)
-            _eval_stage(config, run_dir, model_dir)
-    if config.judge_base_url and not config.no_baseline:
-        answers = [run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json" for s in config.seeds for v in variants]
+            _eval_stage(config, run_dir, model_dir, references, official_scorer)
+    if config.judge_base_url and {"sftmix", "ntp"} <= set(variants) and not official_scorer:
+        answers = [run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json" for s in config.seeds
+                   for v in ("sftmix", "ntp")]  # the judge compares these two
         _stage(run_dir / "judge", {"url": config.judge_base_url, "model": config.judge_model,
                                    "answers": [_file_hash(str(path)) for path in answers]},
                lambda: distributed.on_main(report.judge_stage, config, run_dir))
@@ -501,13 +541,19 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     return run_dir
 
 
-def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, callbacks, weights: dict) -> Path:
-    """`sftmix-seed<S>` trains with config.loss_type on the split; `ntp-seed<S>` is the same run with plain NTP."""
+def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, callbacks,
+                 weights: dict) -> Path:
+    """`<variant>-seed<S>`: the variant's loss (VARIANT_LOSS_TYPES) with every other setting of the run.
+
+    Only `neftune` adds NEFTune's embedding noise; the mixing variants read the confidence split.
+    """
     train_path, confidence_path = run_dir / "data" / "train.jsonl", run_dir / "dynamics" / "confidence.jsonl"
-    mixing = variant == "sftmix"
+    loss_type = VARIANT_LOSS_TYPES[variant]
+    mixing = loss_type != "ntp"
     train_config = _stage_config(
         SFTMixConfig, config, output_dir=str(run_dir / f"{variant}-seed{seed}"), seed=seed,
-        loss_type=config.loss_type if mixing else "ntp", confidence_path=str(confidence_path) if mixing else None,
+        loss_type=loss_type, confidence_path=str(confidence_path) if mixing else None,
+        neftune_noise_alpha=config.neftune_noise_alpha if variant == "neftune" else None,
         dataset_path=str(train_path), max_examples=None, eval_dataset_path=str(run_dir / "data" / "heldout.jsonl"),
     )
     inputs = {"data": _file_hash(str(train_path)), "confidence": _file_hash(str(confidence_path)) if mixing else None,
@@ -517,10 +563,37 @@ def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, call
     return Path(train_config.output_dir)
 
 
-def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path) -> None:
+def _reference_sets(config: RunConfig, data_dir: Path) -> list[str]:
+    """The eval_datasets to score: as given, or their first `eval_max_examples` records (data/references/).
+
+    The held-out split is always scored whole; the cut copies keep their file stem (the set's name in
+    the report) and are rewritten only when their content changes.
+    """
+    if config.eval_max_examples is None:
+        return list(config.eval_datasets or [])
+    from .data import load_records
+
+    paths = []
+    for source in config.eval_datasets or []:
+        records, _ = load_records(source)
+        text = "".join(json.dumps(record.data, ensure_ascii=False, default=str) + "\n"
+                       for record in records[: config.eval_max_examples])
+        target = data_dir / "references" / f"{Path(source).stem}.jsonl"
+        if not target.exists() or target.read_text(encoding="utf-8") != text:
+            write_atomic(target, text)
+        paths.append(str(target))
+    return paths
+
+
+def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: list[str],
+                official_scorer: bool = False) -> None:
     heldout, train_path = str(run_dir / "data" / "heldout.jsonl"), str(run_dir / "data" / "train.jsonl")
+    # the judge settings enter the eval stage (and its key) only when the official scorer runs
+    scorer = ({"alpaca_eval_scorer": "on", "alpaca_eval_annotator": config.alpaca_eval_annotator,
+               "alpaca_eval_reference": config.alpaca_eval_reference, "judge_base_url": config.judge_base_url,
+               "judge_api_key_env": config.judge_api_key_env} if official_scorer else {"alpaca_eval_scorer": "off"})
     eval_config = EvalConfig(
-        model=str(model_dir), dataset=[heldout, *(config.eval_datasets or [])],
+        model=str(model_dir), dataset=[heldout, *references],
         prompts=config.generation_prompts or heldout, confidence_dataset=train_path,
         confidence_max_examples=config.num_confidence_examples,
         output_dir=str(run_dir / "eval" / model_dir.name), generator=model_dir.name, max_length=config.max_length,
@@ -528,6 +601,7 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path) -> None:
         batch_size=config.per_device_train_batch_size, scoring_batch_tokens=config.scoring_batch_tokens,
         use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
         attn_implementation=config.attn_implementation,
+        mt_bench_questions=config.mt_bench_questions, **scorer,
     )
     settings = {name: value for name, value in vars(eval_config).items() if name != "output_dir"}
     inputs = {"model_weights": _file_hash(str(model_dir / "model.safetensors")),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 from pathlib import Path
 from typing import Any
 
+from . import stats
 from .files import write_atomic
 
 
@@ -35,6 +35,11 @@ def run_metrics(run_dir: Path, name: str, seed: int) -> dict[str, float]:
         flat["confidence std on train (paper: lower after SFTMix)"] = metrics["confidence"]["confidence_std"]
     if "generation" in metrics:
         flat["answer length (words)"] = metrics["generation"]["mean_answer_words"]
+    if "alpaca_eval" in metrics:  # the official scorer, against its reference model
+        scored = metrics["alpaca_eval"]
+        flat["AlpacaEval 2 LC win rate (%)"] = scored.get("length_controlled_winrate")
+        flat["AlpacaEval 2 win rate (%)"] = scored.get("win_rate")
+        flat = {key: value for key, value in flat.items() if value is not None}
     state = run_dir / name / "trainer_state.json"
     if state.exists():
         history = json.loads(state.read_text())["log_history"]
@@ -49,8 +54,18 @@ def run_metrics(run_dir: Path, name: str, seed: int) -> dict[str, float]:
     return flat
 
 
+VARIANT_TITLES = {"ntp": "NTP", "sftmix": "SFTMix", "neftune": "NEFTune", "equal": "NTP+Mixup equal",
+                  "mixup_only": "Mixup only"}
+BASELINE = "ntp"
+
+
+def baseline_first(variants: list[str]) -> list[str]:
+    """The report's column order: NTP (the baseline) first, then the others as given."""
+    return sorted(variants, key=lambda variant: variant != BASELINE)
+
+
 def summarise(per_seed: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
-    """Rows of mean/std per metric for each variant, and the SFTMix - NTP difference."""
+    """Per metric: each variant's mean and std over seeds, and each variant's mean difference to NTP."""
     metrics = list(dict.fromkeys(key for runs in per_seed.values() for run in runs for key in run))
     rows = []
     for metric in metrics:
@@ -58,22 +73,69 @@ def summarise(per_seed: dict[str, list[dict[str, float]]]) -> list[dict[str, Any
         for variant, runs in per_seed.items():
             values = [run[metric] for run in runs if metric in run]
             if values:
-                row[variant] = statistics.fmean(values)
-                row[f"{variant}_std"] = statistics.stdev(values) if len(values) > 1 else None
-        if "sftmix" in row and "ntp" in row:
-            row["diff"] = row["sftmix"] - row["ntp"]
+                row[variant], row[f"{variant}_std"] = stats.mean_std(values)
+        for variant in per_seed:
+            if variant != BASELINE and variant in row and BASELINE in row:
+                row[f"{variant}_minus_ntp"] = row[variant] - row[BASELINE]
         rows.append(row)
     return rows
 
 
+def compare_with_baseline(run_dir: Path, variants: list[str], seeds: list[int], resamples: int) -> list[dict]:
+    """Each variant against NTP, paired by example and seed, with a two-level bootstrap interval.
+
+    Held-out response NLL on every scored set (lower is better) and the paper's confidence-spread
+    diagnostic (std of per-example confidence on the training set; the paper finds it lower after SFTMix).
+    """
+    eval_dir = run_dir / "eval"
+    sets = list(json.loads((eval_dir / f"{BASELINE}-seed{seeds[0]}" / "metrics.json").read_text())["likelihood"])
+    rows = []
+    for variant in variants:
+        if variant == BASELINE:
+            continue
+        for set_name in sets:
+            values, reference, tokens = _paired(eval_dir, variant, seeds, f"nll-{set_name}.jsonl", "nll")
+            interval = stats.two_level_bootstrap(values, reference, stats.weighted_mean_difference, tokens, resamples)
+            rows.append({"variant": variant, "metric": "response NLL", "eval_set": set_name, **interval.as_dict(),
+                         "verdict": stats.verdict(interval, lower="better", higher="worse")})
+        if all((eval_dir / f"{name}-seed{seed}" / "confidence_spread.jsonl").exists()
+               for name in (variant, BASELINE) for seed in seeds):
+            values, reference, _ = _paired(eval_dir, variant, seeds, "confidence_spread.jsonl", "confidence")
+            interval = stats.two_level_bootstrap(values, reference, stats.std_difference, None, resamples)
+            rows.append({"variant": variant, "metric": "confidence std", "eval_set": "train", **interval.as_dict(),
+                         "verdict": stats.verdict(interval, lower="lower (as in the paper)", higher="higher")})
+    return rows
+
+
+def _paired(eval_dir: Path, variant: str, seeds: list[int], file_name: str, field: str):
+    """[S, n] arrays of `field` for a variant and NTP (NTP's example order) and of NTP's token counts."""
+    import numpy as np
+
+    from .files import read_jsonl
+
+    values, reference, tokens = [], [], []
+    for seed in seeds:
+        path = eval_dir / f"{variant}-seed{seed}" / file_name
+        ours, theirs = stats.pair_by_id(read_jsonl(path), read_jsonl(eval_dir / f"{BASELINE}-seed{seed}" / file_name),
+                                        where=str(path))
+        values.append([row[field] for row in ours])
+        reference.append([row[field] for row in theirs])
+        tokens.append([row.get("num_tokens", 1) for row in theirs])
+    return np.array(values), np.array(reference), np.array(tokens, dtype=float)
+
+
 def write_report(run_dir: Path, config) -> Path:
-    variants = ["sftmix"] + ([] if config.no_baseline else ["ntp"])
+    variants = baseline_first(config.variants)
     per_seed = {v: [run_metrics(run_dir, f"{v}-seed{s}", s) for s in config.seeds] for v in variants}
     dynamics = json.loads((run_dir / "dynamics" / "dynamics.json").read_text())
+    comparisons = (compare_with_baseline(run_dir, variants, config.seeds, config.bootstrap_resamples)
+                   if BASELINE in variants else [])
     metrics = {
         "seeds": config.seeds,
+        "variants": variants,
         "runs": {f"{v}-seed{s}": run for v in variants for s, run in zip(config.seeds, per_seed[v])},
         "table": summarise(per_seed),
+        "comparisons": comparisons,
         "split": dynamics["summary"],
         "data": json.loads((run_dir / "data" / "split.json").read_text()),
     }
@@ -83,6 +145,10 @@ def write_report(run_dir: Path, config) -> Path:
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     plot_losses(run_dir, variants, config.seeds, run_dir / "loss_curves.png")
     shutil.copyfile(run_dir / "dynamics" / "confidence.png", run_dir / "confidence.png")
+    if (run_dir / "dynamics" / "data_map.png").exists():
+        shutil.copyfile(run_dir / "dynamics" / "data_map.png", run_dir / "data_map.png")
+    if comparisons:
+        plot_differences(comparisons, run_dir / "differences.png")
     write_atomic(run_dir / "report.md", render(run_dir, config, json.loads((run_dir / "metrics.json").read_text())))
     return run_dir / "report.md"
 
@@ -113,27 +179,69 @@ def _judge_lines(judged: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def plot_losses(run_dir: Path, variants: list[str], seeds: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Training loss per step: one colour per variant (every seed), solid NTP term, dotted Mixup term."""
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
-    for variant in variants:
-        for seed in seeds:
+    for number, variant in enumerate(variants):
+        colour = f"C{number}"
+        for seed_number, seed in enumerate(seeds):
             state = run_dir / f"{variant}-seed{seed}" / "trainer_state.json"
             history = json.loads(state.read_text())["log_history"] if state.exists() else []
             for key, style in (("ntp_loss", "-"), ("mixup_loss", ":"), ("eval_loss", "--")):
                 points = [(entry["step"], entry[key]) for entry in history if key in entry]
                 if points:
-                    axis.plot(*zip(*points), style, marker=".", label=f"{variant} seed {seed}: {key}")
+                    label = f"{VARIANT_TITLES.get(variant, variant)}: {key}" if seed_number == 0 else None
+                    axis.plot(*zip(*points), style, color=colour, marker=".", alpha=0.8, label=label)
     axis.set_xlabel("optimisation step")
     axis.set_ylabel("loss (per token)")
-    axis.set_title("Training loss (NTP and Mixup terms) and held-out loss")
-    axis.legend(fontsize=8)
+    axis.set_title(f"Training loss (NTP and Mixup terms) and held-out loss, {len(seeds)} seed(s) per variant")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)
+    _save_figure(figure, path)
+
+
+def plot_differences(comparisons: list[dict], path: Path) -> None:
+    """One panel per (metric, eval set): each variant's difference to NTP, its interval and the per-seed values."""
+    plt = _pyplot()
+    panels = list(dict.fromkeys((row["metric"], row["eval_set"]) for row in comparisons))
+    figure, axes = plt.subplots(len(panels), 1, figsize=(7, 1.0 + 0.5 * len(comparisons) + 0.8 * len(panels)),
+                                squeeze=False)
+    for axis, (metric, eval_set) in zip(axes[:, 0], panels):
+        rows = [row for row in comparisons if (row["metric"], row["eval_set"]) == (metric, eval_set)]
+        for position, row in enumerate(rows):
+            error = [[row["estimate"] - row["low"]], [row["high"] - row["estimate"]]]
+            axis.errorbar(row["estimate"], position, xerr=error, fmt="o", color="black", capsize=4,
+                          label=f"mean, {row['level']:.0%} interval" if not position else None)
+            axis.scatter(row["per_seed"], [position] * len(row["per_seed"]), color="tab:orange", marker="x", zorder=3,
+                         label="one seed" if not position else None)
+        axis.axvline(0, color="grey", linestyle="--")
+        axis.set_yticks(range(len(rows)), [VARIANT_TITLES.get(row["variant"], row["variant"]) for row in rows])
+        axis.set_ylim(len(rows) - 0.3, -0.7)  # the first variant on top
+        axis.set_title(f"{metric} on {eval_set}: variant - NTP (lower is "
+                       + ("better)" if metric == "response NLL" else "a narrower spread)"), fontsize=10)
+        axis.legend(fontsize=7, loc="best")
+    figure.supxlabel("difference to NTP")
+    _save_figure(figure, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(figure, path: Path) -> None:
+    """tight_layout, then save via a temporary file: a killed run never leaves half a PNG."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging, dpi=120)
     plt.close(figure)
+    staging.replace(path)
 
 
 def _number(value: Any, std: Any = None) -> str:
@@ -144,53 +252,83 @@ def _number(value: Any, std: Any = None) -> str:
 
 
 def render(run_dir: Path, config, metrics: dict[str, Any]) -> str:
-    variants = ["sftmix"] + ([] if config.no_baseline else ["ntp"])
+    variants = metrics["variants"]
+    titles = [VARIANT_TITLES.get(variant, variant) for variant in variants]
+    others = [variant for variant in variants if variant != BASELINE] if BASELINE in variants else []
     split = metrics["split"]
     trained = split["confident"]["count"] + split["unconfident"]["count"]
     lines = [
-        "# SFTMix vs NTP",
+        f"# {' vs '.join(titles)}",
         "",
         f"Model `{config.model_name_or_path or 'SmolLM2-135M-Instruct (embedded)'}`, data "
         f"`{config.dataset_path or 'ShareGPT V3 (embedded)'}`: {metrics['data']['train']} training / "
         f"{metrics['data']['heldout']} held-out records, {trained} training examples left after tokenisation "
-        f"(max_length {config.max_length}); loss `{config.loss_type}` (mu = {config.mixup_weight}, "
-        f"alpha = {config.mixup_alpha}); seeds {', '.join(map(str, config.seeds))}. Every number below is read "
-        "from `metrics.json`.",
+        f"(max_length {config.max_length}); variants {', '.join(variants)} (mu = {config.mixup_weight}, "
+        f"alpha = {config.mixup_alpha}"
+        + (f", NEFTune alpha = {config.neftune_noise_alpha}" if "neftune" in variants else "")
+        + f"); seeds {', '.join(map(str, config.seeds))}. Every number below is read from `metrics.json`.",
         "",
-        "## Metrics",
+        "## Metrics (mean ± std over seeds)",
         "",
-        "| metric | " + " | ".join(v.upper() if v == "ntp" else "SFTMix" for v in variants)
-        + (" | SFTMix - NTP |" if "ntp" in variants else " |"),
-        "|---|" + "---|" * len(variants) + ("---|" if "ntp" in variants else ""),
+        "| metric | " + " | ".join(titles) + "".join(f" | {VARIANT_TITLES.get(v, v)} - NTP" for v in others) + " |",
+        "|---|" + "---|" * (len(variants) + len(others)),
     ]
     for row in metrics["table"]:
         cells = [_number(row.get(v), row.get(f"{v}_std")) for v in variants]
-        if "ntp" in variants:
-            cells.append(_number(row.get("diff")))
+        cells += [_number(row.get(f"{v}_minus_ntp")) for v in others]
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Lower NLL / perplexity is better. With one seed a difference may be noise: "
-        "`--seeds 1 2 3` reports mean ± std.",
-        "",
-        *_judge_lines(metrics.get("judge", {})),
-        "## Training loss",
-        "",
-        "![loss curves](loss_curves.png)",
-        "",
-        "## Confidence split (reference run)",
-        "",
-        f"{split['confident']['count']} confident / {split['unconfident']['count']} unconfident examples; "
-        f"median confidence {split['all']['median']:.4g}.",
-        "",
-        "![confidence histogram](confidence.png)",
-        "",
-        *_generations(run_dir, variants, config.seeds[0]),
-        "",
-        "---",
-        "SFTMix: Xiao et al., arXiv:2410.05248. Generated by `sftmix run`.",
-    ]
+    lines += ["", "Lower NLL / perplexity is better.", "", *_comparison_section(metrics), "",
+              *_judge_lines(metrics.get("judge", {})),
+              "## Training loss", "", "![loss curves](loss_curves.png)", "",
+              "## Confidence split (reference run)", "",
+              f"{split['confident']['count']} confident / {split['unconfident']['count']} unconfident examples; "
+              f"median confidence {split['all']['median']:.4g}.", "", "![confidence histogram](confidence.png)", "",
+              *_data_map_section(run_dir, split),
+              *_generations(run_dir, variants, config.seeds[0]), "", "---",
+              "SFTMix: Xiao et al., arXiv:2410.05248. Generated by `sftmix run`."]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_section(metrics: dict[str, Any]) -> list[str]:
+    comparisons = metrics["comparisons"]
+    if not comparisons:
+        return ["No NTP baseline in this run (`--variants` without ntp): no paired comparison."]
+    first = comparisons[0]
+    seeds = first["num_seeds"]
+    lines = [
+        "## Against NTP: paired differences with intervals",
+        "",
+        f"Difference = variant - NTP, paired by seed and example; mean over {seeds} seed(s). Interval: "
+        f"{first['level']:.0%} percentile interval of a two-level bootstrap ({first['resamples']} resamples) that "
+        "draws the seeds and the evaluation examples with replacement, so it covers both the training randomness "
+        "and the choice of examples. Verdict: the whole interval below 0, above 0, or neither.",
+        "",
+    ]
+    if seeds == 1:
+        lines += ["**One seed: the intervals cover example noise only, not seed noise** (another seed can reverse a "
+                  "difference); run `--seeds 1 2 3` for an answer that includes it.", ""]
+    lines += ["| variant | metric | eval set | difference | interval | per seed | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for row in comparisons:
+        per_seed = ", ".join(f"{value:+.3g}" for value in row["per_seed"])
+        lines.append(f"| {VARIANT_TITLES.get(row['variant'], row['variant'])} | {row['metric']} | {row['eval_set']} | "
+                     f"{row['estimate']:+.3g} | [{row['low']:+.3g}, {row['high']:+.3g}] | {per_seed} | "
+                     f"**{row['verdict']}** |")
+    lines += ["", "Response NLL: token-weighted over the set's response tokens (lower is better). Confidence std: "
+              "std of per-example confidence (-perplexity) on training examples under the trained model (the paper "
+              "reports it ~7% lower after SFTMix than after NTP).", "", "![differences to NTP](differences.png)"]
+    return lines
+
+
+def _data_map_section(run_dir: Path, split: dict[str, Any]) -> list[str]:
+    if not (run_dir / "data_map.png").exists():
+        return []
+    variability = split.get("variability", {})
+    medians = ", ".join(f"{group} {values['median']:.3g}" for group, values in variability.items() if values)
+    return ["## Data map (beyond the paper)", "",
+            "Each training example's confidence (minus mean perplexity over the reference checkpoints) against its "
+            "variability (std of its perplexity over those checkpoints), as in Dataset Cartography"
+            + (f"; median variability: {medians}." if medians else "."), "", "![data map](data_map.png)", ""]
 
 
 def _generations(run_dir: Path, variants: list[str], seed: int, count: int = 3) -> list[str]:
@@ -201,12 +339,12 @@ def _generations(run_dir: Path, variants: list[str], seed: int, count: int = 3) 
             outputs[variant] = json.loads(path.read_text())
     if not outputs:
         return []
-    lines = ["## Generations (first prompts, greedy)", ""]
+    lines = [f"## Generations (first prompts, greedy, seed {seed})", ""]
     first = next(iter(outputs.values()))
     for index, row in enumerate(first[:count]):
         lines += [f"**Prompt {index + 1}.** {_quote(row['instruction'], 300)}", ""]
         for variant, rows in outputs.items():
-            lines += [f"*{'SFTMix' if variant == 'sftmix' else 'NTP'}:* {_quote(rows[index]['output'], 500)}", ""]
+            lines += [f"*{VARIANT_TITLES.get(variant, variant)}:* {_quote(rows[index]['output'], 500)}", ""]
     return lines
 
 

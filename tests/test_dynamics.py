@@ -54,7 +54,13 @@ def test_writes_three_files_with_independently_checked_perplexities(tiny_model_d
             assert rows[index]["perplexities"][checkpoint_number] == pytest.approx(expected, rel=1e-4)
     for row in rows:
         assert row["confidence"] == pytest.approx(-sum(row["perplexities"]) / 4)
+        mean = sum(row["perplexities"]) / 4  # variability: population std over the 4 checkpoints
+        assert row["variability"] == pytest.approx((sum((p - mean) ** 2 for p in row["perplexities"]) / 4) ** 0.5)
         assert row["num_tokens"] == sum(label != -100 for label in dataset[rows.index(row)]["labels"][1:])
+    variability = sorted(row["variability"] for row in rows if row["group"] == "unconfident")
+    median = (variability[3] + variability[4]) / 2
+    assert meta["summary"]["variability"]["unconfident"]["median"] == pytest.approx(median)
+    assert (output_dir / "data_map.png").stat().st_size > 5000
     confident = [row["confidence"] for row in rows if row["group"] == "confident"]
     unconfident = [row["confidence"] for row in rows if row["group"] == "unconfident"]
     assert min(confident) >= max(unconfident)

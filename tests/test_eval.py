@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from sftmix import eval as ev
 from sftmix.config import EvalConfig
 from sftmix.data import build_dataset
+from sftmix.errors import InputError
 from sftmix.pipeline import evaluate
 
 ALPACA_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "alpaca-7b.jsonl"
@@ -156,3 +157,111 @@ def test_pairwise_counts_only_judged_pairs(judge_server, monkeypatch):
     assert result["wins"] == {"sftmix": 1.0 + 0.25, "ntp": 0.25 + 0.5}
     assert result["sftmix_win_rate"] == pytest.approx(1.25 / 2)
     assert "sk-secret" not in json.dumps(result)
+
+
+# --------------------------------------------------------------------------- official AlpacaEval scorer (faked)
+
+FAKE_ALPACA_EVAL = """#!{python}
+import json, os, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+Path(os.environ["FAKE_ALPACA_EVAL_LOG"]).write_text(json.dumps({{
+    "argv": args, "base": os.environ.get("OPENAI_API_BASE"), "key": os.environ.get("OPENAI_API_KEY")}}))
+if os.environ.get("FAKE_ALPACA_EVAL_FAIL"):
+    print("openai.AuthenticationError: 401", file=sys.stderr)
+    sys.exit(3)
+options = dict(zip(args[1::2], args[2::2]))
+outputs = json.loads(Path(options["--model_outputs"]).read_text())
+target = Path(options["--output_path"]) / options["--annotators_config"]
+target.mkdir(parents=True, exist_ok=True)
+(target / "leaderboard.csv").write_text(
+    ",length_controlled_winrate,win_rate,standard_error,n_total,avg_length,lc_standard_error\\n"
+    "gpt4_turbo,50.0,50.0,0.0,805,2049,0.0\\n"
+    + options["--name"] + f",12.5,10.0,1.5,{{len(outputs)}},321,0.7\\n")
+"""
+
+
+@pytest.fixture
+def alpaca_eval_prompts(tmp_path):
+    return write_jsonl(tmp_path / "alpaca_eval.jsonl", [
+        {"instruction": "tell me about the cat", "output": "a cat", "dataset": "helpful_base"},
+        {"instruction": "why is the sky blue", "output": "light", "dataset": "helpful_base"},
+    ])
+
+
+def fake_alpaca_eval(tmp_path, monkeypatch) -> Path:
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "alpaca_eval"
+    script.write_text(FAKE_ALPACA_EVAL.format(python=sys.executable))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))  # nothing else: a real alpaca_eval must not be found
+    monkeypatch.setenv("FAKE_ALPACA_EVAL_LOG", str(tmp_path / "call.json"))
+    return tmp_path / "call.json"
+
+
+def test_official_alpaca_eval_scorer_is_called_with_the_judge_in_its_environment(
+    tiny_model_dir, tmp_path, monkeypatch, alpaca_eval_prompts
+):
+    call_log = fake_alpaca_eval(tmp_path, monkeypatch)
+    monkeypatch.setenv("SFTMIX_JUDGE_API_KEY", "sk-test-secret")
+    out = tmp_path / "ev"
+    metrics = evaluate(EvalConfig(model=str(tiny_model_dir), prompts=str(alpaca_eval_prompts), output_dir=str(out),
+                                  max_new_tokens=3, use_cpu=True, generator="tiny-sftmix",
+                                  judge_base_url="http://judge.invalid/v1"))  # alpaca_eval_scorer: auto
+    call = json.loads(call_log.read_text())
+    assert call["argv"][0] == "evaluate"
+    options = dict(zip(call["argv"][1::2], call["argv"][2::2]))
+    assert options["--model_outputs"] == str(out / "model_outputs.json")
+    assert options["--annotators_config"] == "weighted_alpaca_eval_gpt4_turbo"
+    assert options["--name"] == "tiny-sftmix" and options["--is_cache_leaderboard"] == "False"
+    assert call["base"] == "http://judge.invalid/v1" and call["key"] == "sk-test-secret"
+    assert "sk-test-secret" not in " ".join(call["argv"]) and "sk-test-secret" not in (out / "metrics.json").read_text()
+    assert metrics["alpaca_eval"] == {"annotator": "weighted_alpaca_eval_gpt4_turbo", "length_controlled_winrate": 12.5,
+                                      "lc_standard_error": 0.7, "win_rate": 10.0, "standard_error": 1.5,
+                                      "n_total": 2.0, "avg_length": 321.0}
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+    monkeypatch.setenv("FAKE_ALPACA_EVAL_FAIL", "1")
+    with pytest.raises(InputError, match=r"alpaca_eval failed \(exit 3\).*401.*answers are kept"):
+        evaluate(EvalConfig(model=str(tiny_model_dir), prompts=str(alpaca_eval_prompts), output_dir=str(out),
+                            max_new_tokens=3, use_cpu=True, judge_base_url="http://judge.invalid/v1"))
+    assert json.loads((out / "metrics.json").read_text())["generation"]["prompts"] == 2  # kept, not lost
+
+
+def test_alpaca_eval_scorer_not_installed(tiny_model_dir, tmp_path, monkeypatch, alpaca_eval_prompts):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no alpaca_eval command anywhere
+    monkeypatch.setenv("SFTMIX_JUDGE_API_KEY", "sk-test-secret")
+    settings = dict(model=str(tiny_model_dir), prompts=str(alpaca_eval_prompts), max_new_tokens=3, use_cpu=True,
+                    judge_base_url="http://judge.invalid/v1")
+    with pytest.raises(InputError, match=r"--alpaca_eval_scorer on needs the `alpaca_eval` command \(pip install "
+                                         r"alpaca-eval\)"):
+        evaluate(EvalConfig(**settings, output_dir=str(tmp_path / "on"), alpaca_eval_scorer="on"))
+    assert not (tmp_path / "on").exists()  # refused before generating anything
+    metrics = evaluate(EvalConfig(**settings, output_dir=str(tmp_path / "auto")))  # auto: answers only
+    assert "alpaca_eval" not in metrics and (tmp_path / "auto" / "model_outputs.json").exists()
+    monkeypatch.delenv("SFTMIX_JUDGE_API_KEY")
+    with pytest.raises(InputError, match=r"a judge endpoint \(--judge_base_url with its key in \$SFTMIX_JUDGE_API_KEY"):
+        evaluate(EvalConfig(**settings, output_dir=str(tmp_path / "on"), alpaca_eval_scorer="on"))
+
+
+def test_mt_bench_questions_are_answered_beside_alpaca_eval(tiny_model_dir, tmp_path, alpaca_eval_prompts):
+    questions = write_jsonl(tmp_path / "question.jsonl", [
+        {"question_id": 81, "category": "writing", "turns": ["tell me about the cat", "why"]},
+        {"question_id": 82, "category": "math", "turns": ["one two"]},
+    ])
+    out = tmp_path / "ev"
+    metrics = evaluate(EvalConfig(model=str(tiny_model_dir), prompts=str(alpaca_eval_prompts), output_dir=str(out),
+                                  mt_bench_questions=str(questions), max_new_tokens=3, use_cpu=True,
+                                  alpaca_eval_scorer="off"))
+    assert metrics["mt_bench"] == {"questions": 2, "turns": 3}
+    answers = [json.loads(line) for line in (out / "mt_bench_answers.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [81, 82]
+    assert [len(a["choices"][0]["turns"]) for a in answers] == [2, 1]
+    assert len(json.loads((out / "model_outputs.json").read_text())) == 2
+    with pytest.raises(InputError, match="no such file"):
+        evaluate(EvalConfig(model=str(tiny_model_dir), output_dir=str(out),
+                            mt_bench_questions=str(tmp_path / "x.jsonl")))

@@ -3,11 +3,13 @@
 import json
 
 import pytest
+import torch
 from conftest import make_conversations, write_jsonl
 from transformers import TrainerCallback
 
-from sftmix.config import RunConfig
-from sftmix.pipeline import run
+from sftmix.config import VARIANT_LOSS_TYPES, VARIANTS, RunConfig, SFTMixConfig, resolve_variants
+from sftmix.errors import InputError
+from sftmix.pipeline import run, train
 
 
 def run_config(tmp_path, tiny_model_dir, data_path, name="run", **overrides):
@@ -54,16 +56,25 @@ def test_run_writes_report_and_resumes_after_kill(tiny_model_dir, run_data, tmp_
         assert (straight / png).stat().st_size > 5000
     assert metrics["data"] == {**metrics["data"], "train": 24, "heldout": 6}
     assert set(metrics["runs"]) == {"sftmix-seed5", "ntp-seed5"}
+    confidence_lines = (straight / "dynamics" / "confidence.jsonl").read_text().splitlines()
     rows = {row["metric"]: row for row in metrics["table"]}
     heldout = rows["heldout response NLL"]
-    assert heldout["diff"] == pytest.approx(heldout["sftmix"] - heldout["ntp"])
+    assert heldout["sftmix_minus_ntp"] == pytest.approx(heldout["sftmix"] - heldout["ntp"])
     # the report's table shows the numbers of metrics.json
-    row = f"| heldout response NLL | {heldout['sftmix']:.4g} | {heldout['ntp']:.4g} | {heldout['diff']:.4g} |"
+    diff = heldout["sftmix_minus_ntp"]
+    row = f"| heldout response NLL | {heldout['ntp']:.4g} | {heldout['sftmix']:.4g} | {diff:.4g} |"
     assert row in report
+    # the paired comparison uses the per-example files of the eval stage
+    nll = {json.loads(line)["id"]: json.loads(line) for line in
+           (straight / "eval" / "sftmix-seed5" / "nll-heldout.jsonl").read_text().splitlines()}
+    comparison = next(r for r in metrics["comparisons"] if r["metric"] == "response NLL" and r["eval_set"] == "heldout")
+    assert comparison["num_examples"] == len(nll) and comparison["estimate"] == pytest.approx(diff)
+    assert "One seed: the intervals cover example noise only" in report
+    spread = (straight / "eval" / "ntp-seed5" / "confidence_spread.jsonl").read_text().splitlines()
+    assert len(spread) == len(confidence_lines)  # every training example, scored under the trained model
     assert "![loss curves](loss_curves.png)" in report and "Prompt 1." in report
     # the held-out examples were never trained on
     held_ids = {json.loads(line)["id"] for line in (straight / "data" / "heldout.jsonl").read_text().splitlines()}
-    confidence_lines = (straight / "dynamics" / "confidence.jsonl").read_text().splitlines()
     trained_ids = {json.loads(line)["id"] for line in confidence_lines}
     assert held_ids and not held_ids & trained_ids
     # each training evaluates the held-out split (once at the end: eval_strategy is "no")
@@ -83,7 +94,7 @@ def test_run_writes_report_and_resumes_after_kill(tiny_model_dir, run_data, tmp_
 
 
 def test_unchanged_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, run_data, tmp_path, caplog):
-    config = run_config(tmp_path, tiny_model_dir, run_data, no_baseline=True)
+    config = run_config(tmp_path, tiny_model_dir, run_data, variants=["sftmix"])
     run(config)
     stamp = (tmp_path / "run" / "sftmix-seed5" / "model.safetensors").stat().st_mtime_ns
     caplog.clear()
@@ -91,14 +102,14 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, run
     skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
     assert len(skipped) == 4  # data, dynamics, sftmix training, eval
     assert (tmp_path / "run" / "sftmix-seed5" / "model.safetensors").stat().st_mtime_ns == stamp
-    changed = run_config(tmp_path, tiny_model_dir, run_data, no_baseline=True, mixup_weight=0.5)
+    changed = run_config(tmp_path, tiny_model_dir, run_data, variants=["sftmix"], mixup_weight=0.5)
     caplog.clear()
     run(changed)
     skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
     assert len(skipped) == 2  # data and dynamics do not depend on mu; training and eval rerun
     assert (tmp_path / "run" / "sftmix-seed5" / "model.safetensors").stat().st_mtime_ns != stamp
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "mu = 0.5" in report and "SFTMix - NTP" not in report
+    assert "mu = 0.5" in report and "SFTMix - NTP" not in report and "No NTP baseline" in report
 
 
 def test_several_seeds_report_mean_and_spread(tiny_model_dir, run_data, tmp_path):
@@ -110,3 +121,103 @@ def test_several_seeds_report_mean_and_spread(tiny_model_dir, run_data, tmp_path
     assert row["sftmix"] == pytest.approx(sum(values) / 2)
     assert row["sftmix_std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
     assert " ± " in (directory / "report.md").read_text()
+
+
+def test_every_variant_trains_its_loss_on_the_same_data_and_settings(tiny_model_dir, run_data, tmp_path):
+    references = write_jsonl(tmp_path / "refs.jsonl", make_conversations(8, seed=9))
+    directory = run(run_config(tmp_path, tiny_model_dir, run_data, variants=list(VARIANTS), num_generations=1,
+                               eval_datasets=[str(references)], eval_max_examples=5))
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert metrics["variants"] == ["ntp", "sftmix", "neftune", "equal", "mixup_only"]
+    assert set(metrics["runs"]) == {f"{variant}-seed5" for variant in VARIANTS}
+    stages = {v: json.loads((directory / f"{v}-seed5" / "stage.json").read_text())["inputs"] for v in VARIANTS}
+    steps = set()
+    for variant, inputs in stages.items():
+        assert inputs["loss_type"] == VARIANT_LOSS_TYPES[variant]
+        assert inputs["neftune_noise_alpha"] == (5.0 if variant == "neftune" else None)
+        assert (inputs["confidence"] is None) == (variant in ("ntp", "neftune"))
+        history = json.loads((directory / f"{variant}-seed5" / "trainer_state.json").read_text())
+        steps.add(history["global_step"])
+        assert any("mixup_loss" in entry for entry in history["log_history"]) == (variant not in ("ntp", "neftune"))
+    shared = {key: value for key, value in stages["ntp"].items() if key not in ("loss_type", "neftune_noise_alpha",
+                                                                                 "confidence", "confidence_path")}
+    for inputs in stages.values():  # same data, seed, steps, optimiser... everything else
+        assert {key: inputs[key] for key in shared} == shared
+    assert len(steps) == 1
+    comparisons = {(row["variant"], row["metric"], row["eval_set"]) for row in metrics["comparisons"]}
+    assert comparisons == {(v, m, s) for v in VARIANTS[1:] for m, s in (("response NLL", "heldout"),
+                                                                       ("response NLL", "refs"),
+                                                                       ("confidence std", "train"))}
+    # eval_max_examples cuts the reference sets (here to 5 records), never the held-out split
+    assert len((directory / "eval" / "neftune-seed5" / "nll-refs.jsonl").read_text().splitlines()) == 5
+    assert next(row for row in metrics["comparisons"] if row["eval_set"] == "refs")["num_examples"] == 5
+    assert all(row["verdict"] in ("better", "worse", "no detectable difference", "lower (as in the paper)", "higher")
+               for row in metrics["comparisons"])
+    assert (directory / "differences.png").stat().st_size > 5000
+    assert (directory / "data_map.png").stat().st_size > 5000
+
+
+def test_deprecated_loss_type_and_no_baseline_map_to_variants(caplog):
+    assert resolve_variants(["ntp", "sftmix"], None, False) == ["ntp", "sftmix"]
+    assert resolve_variants(["ntp", "sftmix"], "equal", False) == ["ntp", "equal"]  # old: the sftmix stage trained it
+    assert resolve_variants(["ntp", "sftmix"], None, True) == ["sftmix"]
+    assert resolve_variants(["sftmix", "ntp", "sftmix"], None, False) == ["sftmix", "ntp"]
+    caplog.clear()
+    assert resolve_variants(["ntp", "sftmix"], "ntp", False) == ["ntp"]
+    assert "`loss_type` is deprecated" in caplog.text
+    with pytest.raises(InputError, match="unknown variant"):
+        resolve_variants(["ntp", "dro"], None, False)
+    with pytest.raises(InputError, match="no variant left"):
+        resolve_variants(["ntp"], None, True)
+    with pytest.raises(InputError, match="neftune_noise_alpha"):
+        RunConfig(output_dir="x", variants=["ntp", "neftune"], neftune_noise_alpha=0.0)
+    # an odd batch is fine when nothing mixes, refused when a variant needs balanced batches
+    RunConfig(output_dir="x", variants=["ntp", "neftune"], per_device_train_batch_size=3)
+    with pytest.raises(InputError, match="even"):
+        RunConfig(output_dir="x", variants=["ntp", "equal"], per_device_train_batch_size=3)
+
+
+class CaptureEmbeddings(TrainerCallback):
+    """Records (input ids, embedding output, embedding weight) of each training forward.
+
+    Registered at on_train_begin, i.e. after Trainer.train() attached NEFTune's hook, so it sees
+    the embedding output as the layers above it receive it.
+    """
+
+    def __init__(self):
+        self.captured = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def hook(module, inputs, output):
+            if module.training:
+                self.captured.append((inputs[0].clone(), output.detach().clone(), module.weight.detach().clone()))
+
+        self.handle = model.get_input_embeddings().register_forward_hook(hook)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("loss_type", ["ntp", "sftmix"])
+def test_neftune_noise_reaches_the_patched_forward(tiny_model_dir, tiny_data, tmp_path, loss_type):
+    """sftmix's forward calls self.base_model(...); NEFTune's embedding hook must still fire there."""
+    captured = {}
+    for alpha in (None, 5.0):
+        capture = CaptureEmbeddings()
+        config = SFTMixConfig(
+            output_dir=str(tmp_path / f"{loss_type}-{alpha}"), model_name_or_path=str(tiny_model_dir),
+            dataset_path=str(tiny_data[0]), confidence_path=str(tiny_data[1]), loss_type=loss_type, max_steps=2,
+            per_device_train_batch_size=4, use_cpu=True, save_strategy="no", report_to=[], disable_tqdm=True,
+            neftune_noise_alpha=alpha, max_length=64,
+        )
+        train(config, callbacks=[capture])
+        captured[alpha] = capture.captured
+    for alpha, forwards in captured.items():
+        assert len(forwards) == 2  # one training forward per step, through the patched forward
+        for input_ids, output, weight in forwards:
+            noise = output - weight[input_ids]  # minus the no-noise embedding lookup
+            if alpha is None:
+                assert torch.equal(noise, torch.zeros_like(noise))
+            else:  # NEFTune: uniform noise in +-alpha / sqrt(L * d)
+                bound = alpha / (output.size(1) * output.size(2)) ** 0.5
+                assert noise.abs().max() > bound / 2 and noise.abs().max() <= bound + 1e-6

@@ -1,0 +1,66 @@
+"""The shipped configs: the paper's GPU recipe and the CPU replication parse, and say what they claim."""
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import make_tokenizer
+from trl import TrlParser
+
+from sftmix.config import VARIANTS, RunConfig
+from sftmix.data import tokenize_conversation
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ACCELERATE_CONFIGS = {"ddp", "fsdp2", "zero3", "zero3_offload"}  # configs/accelerate/*.yaml (issue 8)
+
+
+def parse(path: Path, *overrides: str) -> RunConfig:
+    (config,) = TrlParser((RunConfig,)).parse_args_and_config(["--config", str(path), *overrides])
+    return config
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b-alpaca", "mistral-7b-alpaca"])
+def test_paper_recipe(name):
+    path = CONFIGS / "paper" / f"{name}.yaml"
+    header = path.read_text().splitlines()[0]
+    command = re.fullmatch(r"# accelerate launch --config_file configs/accelerate/(\w+)\.yaml --num_processes 8 "
+                           r"-m sftmix\.cli run --config (\S+)", header)
+    assert command and command.group(1) in ACCELERATE_CONFIGS and command.group(2) == f"configs/paper/{name}.yaml"
+    config = parse(path, "--bf16", "false")  # bf16 needs a GPU; everything else as on the cluster
+    # the paper: AdamW, lr 2e-6, cosine, warm-up 0.1, weight decay 0.1, 3 epochs, global batch 32 on 8 GPUs
+    assert (config.learning_rate, config.lr_scheduler_type.value, config.warmup_ratio, config.weight_decay) == (
+        2e-6, "cosine", 0.1, 0.1)
+    assert config.num_train_epochs == 3 and config.dynamics_epochs == 1
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 32
+    assert (config.mixup_alpha, config.mixup_weight, config.variants) == (0.5, 0.2, ["ntp", "sftmix"])
+    assert config.dataset_path == "tatsu-lab/alpaca" and "bf16: true" in path.read_text()
+    text = path.read_text()
+    expected = {"llama-3.1-8b-alpaca": ["4.36", "4.58", "8.65", "10.32", "8.29", "7.30"],
+                "mistral-7b-alpaca": ["4.62", "4.91", "9.18", "9.50"]}[name]
+    assert all(number in text.split("\n\n")[0] for number in expected)  # the paper's numbers in the header
+
+
+def test_paper_prompt_template_supervises_the_response_and_its_end():
+    tokenizer = make_tokenizer()  # a fresh one: the session's tokenizer keeps its ChatML template
+    tokenizer.chat_template = (CONFIGS / "paper" / "alpaca.jinja").read_text()
+    messages = [{"role": "user", "content": "tell me about the cat"}, {"role": "assistant", "content": "the cat sat"}]
+    tokens = tokenize_conversation(messages, tokenizer, max_length=None)
+    supervised = tokenizer.decode([t for t in tokens["labels"] if t != -100])
+    assert supervised == "the cat sat" + tokenizer.eos_token
+    prompt = tokenizer.decode([t for t, label in zip(tokens["input_ids"], tokens["labels"]) if label == -100])
+    assert prompt.endswith("### Instruction:\ntell me about the cat\n\n### Response:\n")
+
+
+def test_cpu_replication_config():
+    path = CONFIGS / "replicate-cpu.yaml"
+    assert path.read_text().splitlines()[0] == "# sftmix run --config configs/replicate-cpu.yaml"
+    config = parse(path)
+    assert config.variants == list(VARIANTS) and len(config.seeds) >= 3
+    assert config.model_name_or_path is None and config.dataset_path is None  # the embedded defaults
+    assert config.neftune_noise_alpha == 5 and (config.mixup_alpha, config.mixup_weight) == (0.5, 0.2)
+    assert config.num_train_epochs == 3 and config.per_device_train_batch_size % 2 == 0
+    repository = CONFIGS.parent
+    for reference in [*config.eval_datasets, config.generation_prompts]:
+        if not (repository / reference).resolve().parent.exists():
+            pytest.skip("needs ../shared/data/alpaca_eval beside the checkout")
+        assert (repository / reference).exists()
