@@ -21,7 +21,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .data import DataError, default_dataset_path, example_id, load_records, supervised_turns, to_messages
+from .data import (
+    DataError,
+    UniqueIds,
+    default_dataset_path,
+    example_id,
+    load_records,
+    supervised_turns,
+    to_messages,
+)
 from .errors import InputError
 from .files import write_atomic
 
@@ -37,17 +45,14 @@ def response_length(messages: list[dict[str, str]]) -> int:
 
 def record_scores(records, by: str, confidence_path: str | None) -> tuple[list[str], dict[str, float], list[str]]:
     """(id of every record, score per scored id, ids of records with no score) for `by`."""
-    ids, seen, lengths = [], {}, {}
+    ids, unique_ids, lengths = [], UniqueIds(), {}
     for record in records:
         messages = to_messages(record)
         identifier = example_id(record, messages)
         # the same #k suffixes as data.build_dataset (which skips records with no reply first), so ids
         # match confidence files
         if any(messages[index]["content"] for index in supervised_turns(messages)):
-            if identifier in seen:
-                seen[identifier] += 1
-                identifier = f"{identifier}#{seen[identifier]}"
-            seen.setdefault(identifier, 1)
+            identifier = unique_ids.claim(identifier)
         ids.append(identifier)
         lengths[identifier] = float(response_length(messages))
     if by == "length":
