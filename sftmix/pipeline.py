@@ -585,9 +585,11 @@ def _reference_sets(config: RunConfig, data_dir: Path) -> list[str]:
     return paths
 
 
-def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: list[str],
+def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: list[str] | None = None,
                 official_scorer: bool = False) -> None:
+    """`eval/<variant>-seed<S>`: held-out split + reference sets (`_reference_sets`), answers, confidence spread."""
     heldout, train_path = str(run_dir / "data" / "heldout.jsonl"), str(run_dir / "data" / "train.jsonl")
+    references = list(config.eval_datasets or []) if references is None else references
     # the judge settings enter the eval stage (and its key) only when the official scorer runs
     scorer = ({"alpaca_eval_scorer": "on", "alpaca_eval_annotator": config.alpaca_eval_annotator,
                "alpaca_eval_reference": config.alpaca_eval_reference, "judge_base_url": config.judge_base_url,

@@ -252,7 +252,7 @@ def _number(value: Any, std: Any = None) -> str:
 
 
 def render(run_dir: Path, config, metrics: dict[str, Any]) -> str:
-    variants = metrics["variants"]
+    variants = metrics.get("variants") or baseline_first(getattr(config, "variants", None) or ["ntp", "sftmix"])
     titles = [VARIANT_TITLES.get(variant, variant) for variant in variants]
     others = [variant for variant in variants if variant != BASELINE] if BASELINE in variants else []
     split = metrics["split"]
@@ -277,7 +277,7 @@ def render(run_dir: Path, config, metrics: dict[str, Any]) -> str:
         cells = [_number(row.get(v), row.get(f"{v}_std")) for v in variants]
         cells += [_number(row.get(f"{v}_minus_ntp")) for v in others]
         lines.append(f"| {row['metric']} | " + " | ".join(cells) + " |")
-    lines += ["", "Lower NLL / perplexity is better.", "", *_comparison_section(metrics), "",
+    lines += ["", "Lower NLL / perplexity is better.", "", *_comparison_section(metrics, variants), "",
               *_judge_lines(metrics.get("judge", {})),
               "## Training loss", "", "![loss curves](loss_curves.png)", "",
               "## Confidence split (reference run)", "",
@@ -289,10 +289,11 @@ def render(run_dir: Path, config, metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _comparison_section(metrics: dict[str, Any]) -> list[str]:
-    comparisons = metrics["comparisons"]
+def _comparison_section(metrics: dict[str, Any], variants: list[str]) -> list[str]:
+    comparisons = metrics.get("comparisons", [])
     if not comparisons:
-        return ["No NTP baseline in this run (`--variants` without ntp): no paired comparison."]
+        return [] if BASELINE in variants else [
+            "No NTP baseline in this run (`--variants` without ntp): no paired comparison."]
     first = comparisons[0]
     seeds = first["num_seeds"]
     lines = [

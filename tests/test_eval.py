@@ -240,7 +240,7 @@ def test_alpaca_eval_scorer_not_installed(tiny_model_dir, tmp_path, monkeypatch,
     with pytest.raises(InputError, match=r"--alpaca_eval_scorer on needs the `alpaca_eval` command \(pip install "
                                          r"alpaca-eval\)"):
         evaluate(EvalConfig(**settings, output_dir=str(tmp_path / "on"), alpaca_eval_scorer="on"))
-    assert not (tmp_path / "on").exists()  # refused before generating anything
+    assert not (tmp_path / "on" / "model_outputs.json").exists()  # refused before generating anything
     metrics = evaluate(EvalConfig(**settings, output_dir=str(tmp_path / "auto")))  # auto: answers only
     assert "alpaca_eval" not in metrics and (tmp_path / "auto" / "model_outputs.json").exists()
     monkeypatch.delenv("SFTMIX_JUDGE_API_KEY")
