@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from .distributed import print_on_main
+from .distributed import FailedOnMain, is_main, print_on_main
 
 COMMANDS = {
     "train": "train a model with SFTMix or plain NTP",
@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("command", choices=list(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items()))
         parser.parse_args(argv[:1] or ["--help"])
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Under a launcher every rank runs this: warnings once (rank 0's), errors from every rank.
+    logging.basicConfig(level=logging.WARNING if is_main() else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
     command, rest = argv[0], [arg for arg in argv[1:] if arg != "--debug"]
     debug = "--debug" in argv or os.environ.get("SFTMIX_DEBUG") == "1"
     handlers = {"train": _train, "dynamics": _dynamics, "run": _run, "eval": _eval, "compare-splits": _compare_splits,
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(err, "quiet", False):  # quiet: another rank printed the same message
             print(f"sftmix {command}: error: {err}", file=sys.stderr)
         return 2
+    except FailedOnMain:
+        # Rank 0 failed in work it did for every rank and shows its own traceback; this rank says nothing more.
+        if debug:
+            raise
+        return 1
 
 
 def _parse(config_class, prog: str, argv: list[str]):

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -30,7 +29,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .errors import InputError
-from .files import cache_root, file_hash, write_atomic
+from .files import atomic_directory, cache_root, file_hash, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -655,14 +654,9 @@ def build_dataset(
             return hit
     dataset, report = _tokenize_records(source, tokenizer, max_length, max_examples, split, truncation)
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".staging."))
-        dataset.save_to_disk(str(staging / "dataset"))
-        (staging / "report.json").write_text(json.dumps(vars(report)))
-        if cached.exists():  # another process cached it first
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, cached)
+        with atomic_directory(cached, keep_existing=True) as staging:  # another process may cache it first
+            dataset.save_to_disk(str(staging / "dataset"))
+            (staging / "report.json").write_text(json.dumps(vars(report)))
     return dataset, report
 
 

@@ -5,7 +5,7 @@ Everywhere else in sftmix the rule is: one rank decides and writes, every rank w
 the boundary, and an error raised on the deciding rank is raised on every rank, so all
 exit non-zero together (the launcher ends the others when one rank dies elsewhere).
 
-    world_size(), rank(), is_main()
+    world_size(), rank(), local_rank(), is_main()
     on_main(fn, ...)   rank 0 runs fn; every rank returns its result or raises its error
     main_first(fn, ...)  rank 0 runs fn, then the others (a cache rank 0 fills, the others read)
     barrier()
@@ -39,6 +39,11 @@ def world_size() -> int:
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's index on its machine (its GPU under a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
@@ -96,7 +101,7 @@ def broadcast(obj: Any) -> Any:
 class FailedOnMain(RuntimeError):
     """Raised on the other ranks when rank 0 failed in `on_main`; rank 0 reports the error itself."""
 
-    quiet = True  # the CLI prints nothing for it: rank 0 already printed the one message
+    # The CLI exits 1 without a word for it: rank 0 prints the error (a traceback) once.
 
 
 class InputFailedOnMain(InputError):
@@ -151,7 +156,7 @@ def device(use_cpu: bool = False):
 
     if use_cpu or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", local_rank())
 
 
 def full_state_dict(wrapped_model, model) -> dict | None:
@@ -183,23 +188,28 @@ def _zero_stage(wrapped_model) -> int | None:
 
 @contextlib.contextmanager
 def unpartitioned_loading() -> Iterator[None]:
-    """Let `from_pretrained` load a whole model on this rank even when a ZeRO-3 config is active.
+    """Let `from_pretrained` load a whole model on this rank, also inside a ZeRO-3 or FSDP job.
 
-    Inside a ZeRO-3 job, transformers partitions every model it loads across the ranks
+    Inside a ZeRO-3 job transformers partitions every model it loads across the ranks
     (`deepspeed.zero.Init`), which needs every rank to take part and yields weights no plain
-    forward can use. Scoring and evaluation give each rank a whole copy instead.
+    forward can use. With FSDP's `cpu_ram_efficient_loading`, ranks other than each node's
+    first load placeholders (zeroed rotary buffers among them) and wait for a broadcast that
+    only FSDP wrapping does. Scoring and evaluation give each rank a whole, real copy instead.
     """
-    try:
-        from transformers.integrations import deepspeed as hf_deepspeed
-    except ImportError:  # pragma: no cover - transformers without the integration
-        yield
-        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
     reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    efficient_loading = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
     hf_deepspeed.unset_hf_deepspeed_config()
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     try:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = reference
+        if efficient_loading is None:
+            os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
+        else:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient_loading
 
 
 def describe_launch(wrapped_model, model) -> dict[str, Any]:

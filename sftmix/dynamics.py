@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from . import distributed
 from .data import tokenizer_fingerprint
 from .errors import InputError
-from .files import key_changes, model_identity, newest_complete_checkpoint, write_atomic
+from .files import key_changes, model_identity, newest_complete_checkpoint, pyplot, save_figure, write_atomic
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
 
@@ -394,11 +394,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot_confidence(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7, 4))
     everything = np.array([row["confidence"] for row in rows])
@@ -418,11 +416,7 @@ def plot_confidence(rows: list[dict[str, Any]], path: Path, title: str = "") -> 
     axis.set_ylabel("examples")
     axis.set_title(title or "SFTMix confidence")
     axis.legend()
-    figure.tight_layout()
-    staging = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(staging, dpi=120)
-    plt.close(figure)
-    staging.replace(path)
+    save_figure(figure, path)
 
 
 def plot_data_map(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -431,11 +425,9 @@ def plot_data_map(rows: list[dict[str, Any]], path: Path, title: str = "") -> No
     Perplexity has a long tail, so both axes are cut at the 1st/99th percentile (with 100+ examples)
     and the title says how many points fall outside.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     confidences = np.array([row["confidence"] for row in rows])
     spreads = np.array([row["variability"] for row in rows])
@@ -457,11 +449,7 @@ def plot_data_map(rows: list[dict[str, Any]], path: Path, title: str = "") -> No
     axis.set_ylabel("confidence = - mean perplexity over checkpoints")
     axis.set_title(title, fontsize=10)
     axis.legend()
-    figure.tight_layout()
-    staging = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(staging, dpi=120)
-    plt.close(figure)
-    staging.replace(path)
+    save_figure(figure, path)
 
 
 def split_agreement(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> float:

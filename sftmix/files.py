@@ -1,4 +1,5 @@
-"""Shared file helpers: atomic writes, JSONL, content hashes, the cache location, output directories.
+"""Shared file helpers: atomic writes (files, folders, figures), JSONL, content hashes, the cache location,
+output directories.
 
 Every result sftmix writes goes through `write_atomic`, so a killed process never
 leaves half a file that a rerun would mistake for a finished one. An output directory
@@ -8,16 +9,19 @@ run is refused at start-up, and a checkpoint is resumed from only when it is com
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,63 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
+
+
+def copy_atomic(source: str | Path, target: str | Path) -> None:
+    """Copy a file so that `target` is either absent, the old file, or the whole new one."""
+    target = Path(target)
+    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(handle)
+    try:
+        shutil.copyfile(source, staging)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Fill a staging folder beside `target`, then rename it into place; a crash leaves no half folder.
+
+    Yields the staging folder. On success it replaces `target`, or, with `keep_existing`, gives
+    way to a `target` that another process finished first (a cache both filled). On an error the
+    staging folder is removed and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        yield staging
+        if target.exists() and not keep_existing:
+            shutil.rmtree(target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (keep_existing and target.exists()):  # lost a race to another writer: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (sftmix only writes PNG files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str | Path) -> None:
+    """tight_layout, then save the PNG atomically and close the figure."""
+    path = Path(path)
+    figure.tight_layout()
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging, dpi=120)
+    pyplot().close(figure)
+    staging.replace(path)
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -15,14 +15,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .data import packaged_file
-from .distributed import unpartitioned_loading
+from .distributed import local_rank, unpartitioned_loading
 from .errors import InputError
-from .files import cache_root, model_identity, write_atomic
+from .files import atomic_directory, cache_root, model_identity, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +61,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_directory(target) as staging:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -202,10 +194,8 @@ def training_init_kwargs(config) -> dict[str, Any]:
         kwargs["attn_implementation"] = register_varlen_attention()  # SDPA per sequence, see varlen_sdpa_attention
     quantization = quantization_config(config, kwargs["dtype"])
     if quantization is not None:
-        from accelerate import PartialState
-
         kwargs["quantization_config"] = quantization
-        kwargs["device_map"] = {"": PartialState().local_process_index}
+        kwargs["device_map"] = {"": local_rank()}
     return kwargs
 
 
@@ -385,23 +375,21 @@ def loadable_checkpoint(checkpoint: str, architecture: str, workdir: Path) -> st
     target = workdir / f"{source.name}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
     if (target / "model.safetensors").exists():
         return str(target)
-    staging = Path(tempfile.mkdtemp(dir=_made(workdir), prefix=f".{target.name}."))
-    if (source / "pytorch_model_fsdp_0").is_dir():
-        _merge_fsdp_dcp(source / "pytorch_model_fsdp_0", staging / "model.safetensors")
-    elif any(source.glob("global_step*")):
-        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
-
-        convert_zero_checkpoint_to_fp32_state_dict(str(source), str(staging), safe_serialization=True)
-    else:
-        shutil.rmtree(staging)
+    fsdp_shards, deepspeed_shards = source / "pytorch_model_fsdp_0", any(source.glob("global_step*"))
+    if not (fsdp_shards.is_dir() or deepspeed_shards):
         raise InputError(f"{checkpoint}: no model weights (*.safetensors), FSDP shards (pytorch_model_fsdp_0/) or "
                          "DeepSpeed checkpoint (global_step*/) in this directory")
-    for name in ("config.json", "generation_config.json"):
-        origin = source / name if (source / name).exists() else Path(architecture) / name
-        if origin.exists():
-            shutil.copyfile(origin, staging / name)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with atomic_directory(target) as staging:
+        if fsdp_shards.is_dir():
+            _merge_fsdp_dcp(fsdp_shards, staging / "model.safetensors")
+        else:
+            from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+            convert_zero_checkpoint_to_fp32_state_dict(str(source), str(staging), safe_serialization=True)
+        for name in ("config.json", "generation_config.json"):
+            origin = source / name if (source / name).exists() else Path(architecture) / name
+            if origin.exists():
+                shutil.copyfile(origin, staging / name)
     return str(target)
 
 
@@ -418,8 +406,3 @@ def _merge_fsdp_dcp(dcp_dir: Path, output_file: Path) -> None:
     tensors = {name: tensor.contiguous() for name, tensor in state.items()}
     save_file(tensors, str(output_file), metadata={"format": "pt"})
     merged.unlink()
-
-
-def _made(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from . import stats
-from .files import write_atomic
+from .files import copy_atomic, pyplot, save_figure, write_atomic
 
 
 def judge_stage(config, run_dir: Path) -> None:
@@ -144,9 +143,9 @@ def write_report(run_dir: Path, config) -> Path:
         metrics["judge"] = judged
     write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     plot_losses(run_dir, variants, config.seeds, run_dir / "loss_curves.png")
-    shutil.copyfile(run_dir / "dynamics" / "confidence.png", run_dir / "confidence.png")
+    copy_atomic(run_dir / "dynamics" / "confidence.png", run_dir / "confidence.png")
     if (run_dir / "dynamics" / "data_map.png").exists():
-        shutil.copyfile(run_dir / "dynamics" / "data_map.png", run_dir / "data_map.png")
+        copy_atomic(run_dir / "dynamics" / "data_map.png", run_dir / "data_map.png")
     if comparisons:
         plot_differences(comparisons, run_dir / "differences.png")
     write_atomic(run_dir / "report.md", render(run_dir, config, json.loads((run_dir / "metrics.json").read_text())))
@@ -180,7 +179,7 @@ def _judge_lines(judged: dict[str, dict[str, Any]]) -> list[str]:
 
 def plot_losses(run_dir: Path, variants: list[str], seeds: list[int], path: Path) -> None:
     """Training loss per step: one colour per variant (every seed), solid NTP term, dotted Mixup term."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     for number, variant in enumerate(variants):
         colour = f"C{number}"
@@ -197,12 +196,12 @@ def plot_losses(run_dir: Path, variants: list[str], seeds: list[int], path: Path
     axis.set_title(f"Training loss (NTP and Mixup terms) and held-out loss, {len(seeds)} seed(s) per variant")
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=8)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_differences(comparisons: list[dict], path: Path) -> None:
     """One panel per (metric, eval set): each variant's difference to NTP, its interval and the per-seed values."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = list(dict.fromkeys((row["metric"], row["eval_set"]) for row in comparisons))
     figure, axes = plt.subplots(len(panels), 1, figsize=(7, 1.0 + 0.5 * len(comparisons) + 0.8 * len(panels)),
                                 squeeze=False)
@@ -221,27 +220,7 @@ def plot_differences(comparisons: list[dict], path: Path) -> None:
                        + ("better)" if metric == "response NLL" else "a narrower spread)"), fontsize=10)
         axis.legend(fontsize=7, loc="best")
     figure.supxlabel("difference to NTP")
-    _save_figure(figure, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(figure, path: Path) -> None:
-    """tight_layout, then save via a temporary file: a killed run never leaves half a PNG."""
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    staging = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(staging, dpi=120)
-    plt.close(figure)
-    staging.replace(path)
+    save_figure(figure, path)
 
 
 def _number(value: Any, std: Any = None) -> str:

@@ -37,6 +37,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from . import distributed
 from .config import SFTMixConfig
 from .errors import InputError
+from .files import write_atomic
 from .losses import IGNORE_INDEX, LossTerms, sample_lambda, sftmix_loss_fused, sftmix_loss_reference
 from .model import head_is_linear
 
@@ -417,7 +418,7 @@ class SFTMixTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
-        if not self.is_world_process_zero():
+        if not distributed.is_main():  # Trainer calls this on every rank: not a collective
             return
         write_model_card(Path(self.args.output_dir), self.args)
 
@@ -635,8 +636,7 @@ Load it with `AutoModelForCausalLM.from_pretrained("{name}")`.
 
 def write_model_card(output_dir: Path, args: SFTMixConfig) -> None:
     ntp_weight, mixup_weight = args.loss_weights
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "README.md").write_text(MODEL_CARD.format(
+    write_atomic(output_dir / "README.md", MODEL_CARD.format(
         name=output_dir.name, base_model=args.model_name_or_path or "SmolLM2-135M-Instruct (embedded default)",
         dataset=args.dataset_path or "ShareGPT V3 (embedded default)", loss_type=args.loss_type,
         ntp_weight=ntp_weight, mixup_weight=mixup_weight, alpha=args.mixup_alpha, lambda_per=args.mixup_lambda_per,

@@ -263,6 +263,17 @@ def test_dynamics_checkpoints_crash_on_one_rank_then_resume(tiny_model_dir, tiny
     assert (tmp_path / "two" / "confidence.jsonl").read_text() == (tmp_path / "one" / "confidence.jsonl").read_text()
 
 
+def test_dynamics_under_fsdp2_scores_with_whole_models_on_every_rank(tiny_model_dir, tiny_data, tmp_path):
+    """fsdp2.yaml loads CPU-RAM-efficiently: ranks other than the first used to score with placeholder weights."""
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]), max_length=64,
+                    scoring_batch_tokens=100, checkpoints=[str(tiny_model_dir)])
+    launch("fsdp2", ["dynamics", *cli_flags(settings), "--output_dir", "two"], tmp_path)
+    assert json.loads((tmp_path / "two" / "dynamics.json").read_text())["processes"] == 2
+    dynamics(DynamicsConfig(**settings, output_dir=str(tmp_path / "one"), use_cpu=True, disable_tqdm=True))
+    two_rows, one_rows = (read_jsonl(tmp_path / name / "confidence.jsonl") for name in ("two", "one"))
+    assert [row["perplexities"] for row in two_rows] == [row["perplexities"] for row in one_rows]
+
+
 def test_run_two_processes_equals_one_process(tiny_model_dir, tmp_path):
     """DDP: the same steps and metrics as one process. Rank 1 used to run ahead into training while rank 0 scored."""
     data = write_jsonl(tmp_path / "data.jsonl", make_conversations(30, seed=4))
