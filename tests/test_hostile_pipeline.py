@@ -167,3 +167,39 @@ def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch
         (model_dir / "model.safetensors").write_bytes(weights)
         pipeline._eval_stage(config, run_dir, model_dir)
     assert len(evaluated) == 2  # skipped when unchanged, redone after the retrain
+
+
+# --------------------------------------------------------------------------- 3. stale evaluations
+
+
+def test_evaluation_is_redone_after_a_sharded_model_is_retrained(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """A sharded save has no model.safetensors: its hash used to be None whatever the weights, and a retrained
+    model kept the old evaluation."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_dir, model_dir = tmp_path / "run", tmp_path / "run" / "ntp-seed5"
+    (run_dir / "data").mkdir(parents=True)
+    for name in ("train.jsonl", "heldout.jsonl"):
+        shutil.copyfile(tiny_data[0], run_dir / "data" / name)
+
+    def save_sharded(scale: float) -> None:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        model.save_pretrained(model_dir, max_shard_size="30KB")
+        assert (model_dir / "model.safetensors.index.json").exists() and not (model_dir / "model.safetensors").exists()
+
+    evaluated = []
+    monkeypatch.setattr(pipeline, "evaluate", lambda config: evaluated.append(config.model))
+    config = run_config(tmp_path, tiny_model_dir, tiny_data[0])
+    save_sharded(1.0)
+    pipeline._eval_stage(config, run_dir, model_dir)
+    pipeline._eval_stage(config, run_dir, model_dir)  # same weights: reused
+    assert len(evaluated) == 1
+    save_sharded(3.0)  # retrained in place
+    pipeline._eval_stage(config, run_dir, model_dir)
+    assert len(evaluated) == 2
