@@ -90,8 +90,9 @@ def result_settings(config) -> dict:
     processes (it sets the global batch). The one definition behind `sftmix train`'s resume check and the keys
     of `sftmix dynamics`' reference run and of `sftmix run`'s stages. JSON values, so a stored key compares equal.
     """
-    settings = {name: value for name, value in config.to_dict().items()
-                if not is_bookkeeping(name) and name not in INPUT_FIELDS}
+    # to_dict() masks every *_token field as a secret; the ones left here (eos_token, pad_token) are no secret
+    settings = {name: getattr(config, name) if name.endswith("_token") else value
+                for name, value in config.to_dict().items() if not is_bookkeeping(name) and name not in INPUT_FIELDS}
     if getattr(config, "loss_type", None) == "ntp":
         for name in MIXUP_FIELDS:
             settings.pop(name, None)

@@ -518,12 +518,12 @@ def check_finite_loss(step: int, ntp_sum: float, mixup_sum: float, args, trainin
     broken model."""
     if math.isfinite(ntp_sum) and math.isfinite(mixup_sum):
         return
-    if not training:
-        raise TrainingDiverged(
+    if not training:  # not a diverged training step: the weights being evaluated give NaN/inf on this set
+        raise InputError(
             f"evaluation at step {step} failed: the NTP loss on the evaluation set ({args.eval_dataset_path}) is "
-            f"{ntp_sum}, while the training loss was finite: the model overflows on these examples (fp16?). What "
-            "was saved is kept (checkpoints; at the final evaluation, the trained model): evaluate it in bf16 or "
-            "float32, or check the evaluation set."
+            f"{ntp_sum}: the model overflows on these examples (fp16?) or holds NaN/inf weights. What was saved is "
+            "kept (checkpoints; at the final evaluation, the trained model): check it, evaluate in bf16 or float32, "
+            "or check the evaluation set."
         )
     term = "NTP" if not math.isfinite(ntp_sum) else "Mixup"
     raise TrainingDiverged(
