@@ -152,7 +152,12 @@ def test_stage_keys_hold_resolved_paths(tmp_path, monkeypatch):
     assert inside[0] == inside[1] and json.dumps(inside[0]).count(str(tmp_path)) == 0  # moves with the run folder
 
 
-def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch):
+@pytest.mark.parametrize("weight_files", [
+    ["model.safetensors"],
+    # a sharded save has no model.safetensors: the stage once keyed it as None whatever the weights
+    ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"],
+])
+def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch, weight_files):
     """The eval stage key once lost the model's weight hash (a config field of the same name overwrote it)."""
     run_dir = tmp_path / "run"
     (run_dir / "data").mkdir(parents=True)
@@ -164,42 +169,8 @@ def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "evaluate", lambda config: evaluated.append(config.model))
     config = RunConfig(output_dir=str(run_dir), use_cpu=True)
     for weights in (b"first training", b"first training", b"retrained"):
-        (model_dir / "model.safetensors").write_bytes(weights)
+        for name in weight_files:
+            (model_dir / name).write_bytes(weights)
         pipeline._eval_stage(config, run_dir, model_dir)
     assert len(evaluated) == 2  # skipped when unchanged, redone after the retrain
 
-
-# --------------------------------------------------------------------------- 3. stale evaluations
-
-
-def test_evaluation_is_redone_after_a_sharded_model_is_retrained(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    """A sharded save has no model.safetensors: its hash used to be None whatever the weights, and a retrained
-    model kept the old evaluation."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    run_dir, model_dir = tmp_path / "run", tmp_path / "run" / "ntp-seed5"
-    (run_dir / "data").mkdir(parents=True)
-    for name in ("train.jsonl", "heldout.jsonl"):
-        shutil.copyfile(tiny_data[0], run_dir / "data" / name)
-
-    def save_sharded(scale: float) -> None:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        with torch.no_grad():
-            model.lm_head.weight.mul_(scale)
-        model.save_pretrained(model_dir, max_shard_size="30KB")
-        assert (model_dir / "model.safetensors.index.json").exists() and not (model_dir / "model.safetensors").exists()
-
-    evaluated = []
-    monkeypatch.setattr(pipeline, "evaluate", lambda config: evaluated.append(config.model))
-    config = run_config(tmp_path, tiny_model_dir, tiny_data[0])
-    save_sharded(1.0)
-    pipeline._eval_stage(config, run_dir, model_dir)
-    pipeline._eval_stage(config, run_dir, model_dir)  # same weights: reused
-    assert len(evaluated) == 1
-    save_sharded(3.0)  # retrained in place
-    pipeline._eval_stage(config, run_dir, model_dir)
-    assert len(evaluated) == 2
