@@ -26,9 +26,19 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from . import distributed
+from .config import result_settings
 from .data import tokenizer_fingerprint
 from .errors import InputError
-from .files import key_changes, model_identity, newest_complete_checkpoint, pyplot, save_figure, write_atomic
+from .files import (
+    CHECKPOINT,
+    key_changes,
+    model_identity,
+    newest_complete_checkpoint,
+    pyplot,
+    save_figure,
+    strip_training_state,
+    write_atomic,
+)
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
 
@@ -90,6 +100,33 @@ class SaveEvenlySpaced(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.steps:
             control.should_save = True
+
+
+class KeepWeightsOnly(TrainerCallback):
+    """After each save, the checkpoints older than the newest resumable one keep only their weights
+    (`files.strip_training_state`): scoring needs nothing else, and a resume takes the newest.
+
+    Resumable means what the resume picks (`newest_complete_checkpoint`, with `also_needs` files),
+    so the checkpoint a killed run resumes from always keeps its optimizer state.
+    """
+
+    def __init__(self, also_needs: tuple[str, ...] = ()):
+        self.also_needs = also_needs
+
+    def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()  # every rank has written its part of the new checkpoint
+        distributed.on_main(self.strip_older, args.output_dir, self.also_needs)
+
+    @staticmethod
+    def strip_older(output_dir: str, also_needs: tuple[str, ...]) -> None:
+        newest = newest_complete_checkpoint(output_dir, also_needs=also_needs)
+        if newest is None:
+            return
+        newest_step = int(CHECKPOINT.fullmatch(Path(newest).name).group(1))
+        for path in Path(output_dir).iterdir():
+            match = CHECKPOINT.fullmatch(path.name)
+            if match and path.is_dir() and int(match.group(1)) < newest_step:
+                strip_training_state(path)
 
 
 class SaveOnlineNLL(TrainerCallback):
@@ -260,13 +297,8 @@ def load_scores(path: Path, key: dict) -> CheckpointScores | None:
 
 # --------------------------------------------------------------------------- what determines a result
 
-# Settings that change the reference run's checkpoints (paths and logging do not).
-REFERENCE_SETTINGS = (
-    "num_checkpoints", "online", "max_length", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
-    "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "weight_decay", "optim", "optim_args", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "seed", "data_seed", "bf16", "fp16", "use_peft", "lora_r", "lora_alpha", "lora_target_modules",
-)
+SPLIT_ONLY = ("split_ratio",)  # settings of `sftmix dynamics` that the reference run does not read
+SCORING_SETTINGS = ("max_length", "truncation")  # besides weights, tokenizer and data: what a checkpoint's scores read
 
 
 def _plain(value: Any) -> Any:
@@ -274,30 +306,37 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def reference_settings(config) -> dict[str, Any]:
+    """The settings that determine the reference run's checkpoints: those of any training
+    (`config.result_settings`: optimiser, schedule, length, precision, LoRA, C, online, processes, ...)
+    less the split's own."""
+    return {name: value for name, value in result_settings(config).items() if name not in SPLIT_ONLY}
+
+
 def reference_key(config, prepared) -> dict[str, Any]:
-    """What determines the reference run's checkpoints: base model, tokenizer, data, training settings, processes."""
+    """What determines the reference run's checkpoints: base model, tokenizer, data and `reference_settings`."""
     return _plain({
         "model": model_identity(prepared.model_path), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-        "data": prepared.report.fingerprint, "processes": distributed.world_size(),
-        **{name: getattr(config, name, None) for name in REFERENCE_SETTINGS},
+        "data": prepared.report.fingerprint, **reference_settings(config),
     })
 
 
 def scores_key(checkpoint: str, config, prepared) -> dict[str, Any]:
-    """What determines one checkpoint's scores: its weights, the tokenizer, the data and max_length."""
+    """What determines one checkpoint's scores: its weights, the tokenizer, the data, max_length and truncation."""
     return _plain({"checkpoint": model_identity(checkpoint), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                   "data": prepared.report.fingerprint, "max_length": config.max_length})
+                   "data": prepared.report.fingerprint, **{name: getattr(config, name) for name in SCORING_SETTINGS}})
 
 
 def dynamics_key(config, prepared) -> dict[str, Any]:
-    """What determines confidence.jsonl: the reference run (or the given checkpoints), the data and the split."""
+    """What determines confidence.jsonl: the reference run (or the given checkpoints), the data, how it is scored
+    and the split."""
     if config.checkpoints:
         source = {"checkpoints": [model_identity(checkpoint) for checkpoint in config.checkpoints]}
     else:
         source = {"reference": reference_key(config, prepared)}
     return _plain({**source, "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                   "data": prepared.report.fingerprint, "max_length": config.max_length,
-                   "split_ratio": config.split_ratio})
+                   "data": prepared.report.fingerprint,
+                   **{name: getattr(config, name) for name in (*SCORING_SETTINGS, *SPLIT_ONLY)}})
 
 
 def clear_stale(output_dir: Path, key: dict[str, Any]) -> None:

@@ -269,3 +269,22 @@ def newest_complete_checkpoint(directory: str | Path, also_needs: tuple[str, ...
         logger.warning("%s is incomplete (the run was killed while writing it?): not resumed from; it is "
                        "written again when training reaches that step", path)
     return None
+
+
+# What a checkpoint holds only to be resumed from (HF Trainer, FSDP, DeepSpeed); engine folders also hold the
+# weights, so they go only when the checkpoint has weights of its own (what `model.loadable_checkpoint` reads).
+RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "optimizer_0",
+               "global_step*/*optim_states.pt")
+ENGINE_STATES = ("global_step*", "pytorch_model_fsdp_*", "latest", "zero_to_fp32.py")
+
+
+def strip_training_state(checkpoint: Path) -> None:
+    """Leave `checkpoint` what loading its weights needs (weights, config, tokenizer, trainer_state.json):
+    it can no longer be resumed from, only scored or loaded."""
+    has_weights = any(checkpoint.glob("*.safetensors")) or any(checkpoint.glob("pytorch_model*.bin"))
+    for pattern in RESUME_ONLY + (ENGINE_STATES if has_weights else ()):
+        for path in checkpoint.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)

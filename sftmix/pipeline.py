@@ -23,12 +23,40 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers.trainer_utils import SaveStrategy
+
 from . import distributed
 from . import dynamics as dyn
-from .config import VARIANT_LOSS_TYPES, DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
-from .data import DataReport, DatasetSpec, build_dataset, mix_records, read_confidence, spec_records, write_records
+from .config import (
+    VARIANT_LOSS_TYPES,
+    DynamicsConfig,
+    EvalConfig,
+    RunConfig,
+    SFTMixConfig,
+    is_bookkeeping,
+    result_settings,
+)
+from .data import (
+    DataReport,
+    DatasetSpec,
+    build_dataset,
+    mix_records,
+    read_confidence,
+    spec_records,
+    tokenizer_fingerprint,
+    write_records,
+)
 from .errors import InputError
-from .files import OutputLock, file_hash, key_changes, newest_complete_checkpoint, write_atomic, write_jsonl
+from .files import (
+    OutputLock,
+    file_hash,
+    key_changes,
+    model_identity,
+    newest_complete_checkpoint,
+    strip_training_state,
+    write_atomic,
+    write_jsonl,
+)
 from .model import (
     HUB_ID,
     check_loadable,
@@ -142,14 +170,51 @@ def build_trainer(
     )
 
 
-def resume_checkpoint(config: SFTMixConfig) -> str | None:
-    """The checkpoint to resume from: the one asked for, else the newest complete one in output_dir."""
-    if config.resume_from_checkpoint is not None:
-        return config.resume_from_checkpoint
-    checkpoint = newest_complete_checkpoint(config.output_dir)
-    if checkpoint:
-        logger.warning("Resuming from %s", checkpoint)
+TRAINING_KEY = "training_key.json"  # in output_dir: what made its checkpoints (see `training_key`)
+
+
+def training_key(config: SFTMixConfig, prepared: Prepared) -> dict:
+    """What determines a training's checkpoints: the base model's weights, the tokenizer, the data, the
+    confidence split (mixing losses) and `result_settings` (not the bookkeeping: logging, saving, reporting)."""
+    return {"model": model_identity(prepared.model_path), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
+            "data": prepared.report.fingerprint,
+            "confidence": file_hash(config.confidence_path) if config.loss_type != "ntp" else None,
+            **result_settings(config)}
+
+
+def resume_checkpoint(config: SFTMixConfig, key: dict | None = None) -> str | None:
+    """The checkpoint to resume from: the one asked for, else the newest complete one in output_dir.
+
+    With `key` (`training_key`), checkpoints found in output_dir are resumed only when the key
+    recorded beside them is this one (bookkeeping settings may change); else the command is refused,
+    naming what changed. The key is then recorded for the next resume. An explicit
+    --resume_from_checkpoint is the user's choice and is not checked.
+    """
+    checkpoint = config.resume_from_checkpoint
+    if checkpoint is None:
+        checkpoint = newest_complete_checkpoint(config.output_dir)
+        if checkpoint and key is not None:
+            check_same_training(Path(config.output_dir), key)
+        if checkpoint:
+            logger.warning("Resuming from %s", checkpoint)
+    if key is not None:
+        write_atomic(Path(config.output_dir) / TRAINING_KEY, json.dumps(key, indent=1))
     return checkpoint
+
+
+def check_same_training(output_dir: Path, key: dict) -> None:
+    """Refuse to resume checkpoints that a training with other settings (or an unrecorded one) wrote."""
+    recorded_file = output_dir / TRAINING_KEY
+    recorded = json.loads(recorded_file.read_text()) if recorded_file.exists() else None
+    if recorded == key:
+        return
+    changes = (key_changes(recorded, key) if recorded is not None
+               else f"no {TRAINING_KEY}: written by an older sftmix or another tool")
+    raise InputError(
+        f"{output_dir} holds checkpoints of a training with other settings ({changes}); they are not resumed: "
+        f"use another --output_dir, or delete {output_dir}/checkpoint-* to train afresh there (or pass "
+        "--resume_from_checkpoint to resume one of them anyway)"
+    )
 
 
 def claims_output_dir(recipe):
@@ -175,7 +240,8 @@ def claims_output_dir(recipe):
 def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     """Train with `config.loss_type` and save a `from_pretrained`-loadable model in `config.output_dir`.
 
-    Resumes from the newest checkpoint in `output_dir` when there is one.
+    Resumes from the newest checkpoint in `output_dir` when there is one, made with the same settings
+    (`resume_checkpoint`). The model is saved before the final evaluation.
     """
     if config.loss_type != "ntp" and config.confidence_path is None:
         raise InputError(
@@ -190,12 +256,13 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     if config.loss_type != "ntp":
         groups = read_confidence(config.confidence_path)
         check_same_data(config.confidence_path, prepared, groups)
+    checkpoint = distributed.on_main(resume_checkpoint, config, training_key(config, prepared))
     trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks, eval_dataset=eval_dataset)
-    trainer.train(resume_from_checkpoint=distributed.on_main(resume_checkpoint, config))
+    trainer.train(resume_from_checkpoint=checkpoint)
+    output_dir = Path(config.output_dir)
+    _save(trainer, config, output_dir, prepared.model_path)  # first: a kill or a NaN in the evaluation loses nothing
     if eval_dataset is not None and config.eval_strategy == "no":
         trainer.evaluate()  # no evaluation during training was asked for: once, at the end
-    output_dir = Path(config.output_dir)
-    _save(trainer, config, output_dir, prepared.model_path)
     trainer.save_state()  # trainer_state.json: the loss curves of the report
     distributed.on_main(write_atomic, output_dir / "data_report.json",
                         json.dumps(vars(prepared.report), indent=2, default=str))
@@ -354,30 +421,47 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
 
 
 def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None]:
-    """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done)."""
+    """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done).
+
+    Only those C checkpoints are saved (not every `save_steps`), and each keeps only its weights (what
+    scoring reads) once a newer one can be resumed from: optimizer, scheduler and engine states (for an
+    8B model, 64 GB of Adam states per checkpoint) go, the last one's when the run is done.
+    """
     reference = copy.deepcopy(config)
     reference.output_dir = str(Path(config.output_dir) / "reference")
     reference.eval_strategy = "no"  # the reference run only provides training dynamics
+    reference.save_strategy = SaveStrategy.NO  # SaveEvenlySpaced saves the C checkpoints
     reference.save_total_limit = None  # all C checkpoints are scored
     done = Path(reference.output_dir) / "reference.json"
     finished = distributed.on_main(lambda: json.loads(done.read_text()) if done.exists() else None)
     if finished is not None:
+        distributed.on_main(_keep_weights_only, finished["checkpoints"])  # a kill may have come before
         return finished["checkpoints"], finished.get("online_nll")
     spacing = dyn.SaveEvenlySpaced(config.num_checkpoints)
     trainer = build_trainer(reference, prepared, callbacks=[spacing, *(callbacks or [])], record_nll=config.online)
     checkpoint = distributed.on_main(resume_checkpoint, reference)
+    resumable_needs: tuple[str, ...] = ()
     if config.online:
         trainer.add_callback(dyn.SaveOnlineNLL(trainer))
+        resumable_needs = (dyn.SaveOnlineNLL.FILE,)
         # A kill between a checkpoint and its NLL records: resume from the newest checkpoint that has them.
         if checkpoint:
             checkpoint = distributed.on_main(dyn.SaveOnlineNLL.newest_complete, reference.output_dir)
         trainer.online_nll.update(distributed.on_main(dyn.SaveOnlineNLL.load, checkpoint))
+    trainer.add_callback(dyn.KeepWeightsOnly(resumable_needs))  # last: after the checkpoint is whole
     trainer.train(resume_from_checkpoint=checkpoint)
     online = dyn.gather_online_nll(trainer) if config.online else None
     checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in sorted(spacing.steps)]
     trainer.accelerator.free_memory()  # the scoring passes load each checkpoint afresh
     distributed.on_main(write_atomic, done, json.dumps({"checkpoints": checkpoints, "online_nll": online}))
+    distributed.on_main(_keep_weights_only, checkpoints)  # after reference.json: never resumed from again
     return checkpoints, online
+
+
+def _keep_weights_only(checkpoints: list[str]) -> None:
+    for checkpoint in checkpoints:
+        if Path(checkpoint).is_dir():
+            strip_training_state(Path(checkpoint))
 
 
 def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path):
@@ -516,15 +600,14 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
                       "max_examples": config.max_examples, "eval_fraction": config.eval_fraction,
                       "seed": config.seeds[0]},
            lambda: distributed.on_main(split_heldout, config, data_dir))
+    if config.resume_from_checkpoint:
+        distributed.on_main(logger.warning, "--resume_from_checkpoint is ignored by `sftmix run`: each stage "
+                            "resumes from its own checkpoints")
     train_path = str(data_dir / "train.jsonl")
-    dyn_config = _stage_config(DynamicsConfig, config, output_dir=str(run_dir / "dynamics"),
-                               num_train_epochs=config.dynamics_epochs, seed=config.seeds[0],
-                               dataset_path=train_path, max_examples=None, neftune_noise_alpha=None)
     # The base model's weights, not only its path: a model retrained in place makes these stages stale.
-    weights = dyn.model_identity(distributed.main_first(resolve_model_path, config.model_name_or_path))
-    dynamics_settings = {k: v for k, v in _config_key(dyn_config).items() if k not in MIXUP_ONLY_FIELDS}
-    _stage(run_dir / "dynamics", {"data": _file_hash(train_path), "model_weights": weights, **dynamics_settings},
-           lambda: dynamics(dyn_config))
+    weights = model_identity(distributed.main_first(resolve_model_path, config.model_name_or_path))
+    if config.mixing_variants:  # Stage 1 only for the variants that read the confidence split
+        _dynamics_stage(config, run_dir, train_path, weights)
     variants = config.variants
     references = distributed.on_main(_reference_sets, config, data_dir)
     for seed in config.seeds:
@@ -539,6 +622,16 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
                lambda: distributed.on_main(report.judge_stage, config, run_dir))
     distributed.on_main(report.write_report, run_dir, config)
     return run_dir
+
+
+def _dynamics_stage(config: RunConfig, run_dir: Path, train_path: str, weights: dict) -> None:
+    """`dynamics/`: Stage 1 on the training part, keyed like `sftmix dynamics`' own results (`result_settings`)."""
+    dyn_config = _stage_config(DynamicsConfig, config, output_dir=str(run_dir / "dynamics"),
+                               num_train_epochs=config.dynamics_epochs, seed=config.seeds[0],
+                               dataset_path=train_path, max_examples=None, neftune_noise_alpha=None)
+    inputs = {"data": _file_hash(train_path), "model_weights": weights,
+              "checkpoints": [model_identity(path) for path in dyn_config.checkpoints or []]}
+    _stage(run_dir / "dynamics", {**inputs, **result_settings(dyn_config)}, lambda: dynamics(dyn_config))
 
 
 def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, callbacks,
@@ -558,7 +651,7 @@ def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, call
     )
     inputs = {"data": _file_hash(str(train_path)), "confidence": _file_hash(str(confidence_path)) if mixing else None,
               "model_weights": weights}
-    _stage(Path(train_config.output_dir), {**inputs, **_config_key(train_config)},
+    _stage(Path(train_config.output_dir), {**inputs, **result_settings(train_config)},
            lambda: train(train_config, callbacks=callbacks))
     return Path(train_config.output_dir)
 
@@ -605,8 +698,8 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: l
         attn_implementation=config.attn_implementation,
         mt_bench_questions=config.mt_bench_questions, **scorer,
     )
-    settings = {name: value for name, value in vars(eval_config).items() if name != "output_dir"}
-    inputs = {"model_weights": _file_hash(str(model_dir / "model.safetensors")),
+    settings = {name: value for name, value in vars(eval_config).items() if not is_bookkeeping(name)}
+    inputs = {"model_weights": model_identity(model_dir),
               "file_contents": [_file_hash(path) for path in [*eval_config.dataset, eval_config.prompts, train_path]]}
     _stage(Path(eval_config.output_dir), {**settings, **inputs}, lambda: evaluate(eval_config), run_dir=run_dir)
 
@@ -642,16 +735,9 @@ def _stage_config(config_class, run_config: RunConfig, **overrides):
     names = {f.name for f in dataclasses.fields(config_class) if f.init}
     values = {name: copy.deepcopy(getattr(run_config, name)) for name in names if hasattr(run_config, name)}
     values.update(dataset_name=None, dataset_config=None, datasets=[])  # resolve_datasets made them dataset_path
+    values.update(resume_from_checkpoint=None)  # every stage resumes from its own checkpoints
     values.update(overrides)
     return config_class(**values)
-
-
-VOLATILE_FIELDS = {"logging_dir", "output_dir"}  # paths or timestamps that do not change results
-MIXUP_ONLY_FIELDS = {"mixup_alpha", "mixup_weight", "mixup_lambda_per"}  # no effect on the NTP reference run
-
-
-def _config_key(config) -> dict:
-    return {k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS}
 
 
 def _file_hash(path: str) -> str | None:

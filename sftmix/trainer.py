@@ -354,7 +354,7 @@ class SFTMixTrainer(SFTTrainer):
                  float(outputs.aux_loss.detach()) if outputs.aux_loss is not None else 0.0]
         totals = distributed.sum_over_ranks(local, self.accelerator.device)
         ntp_sum, ntp_count, mixup_sum, mixup_count, entropy_sum, correct, tokens, aux_sum = totals
-        check_finite_loss(self.state.global_step + (1 if training else 0), ntp_sum, mixup_sum, self.args)
+        check_finite_loss(self.state.global_step + (1 if training else 0), ntp_sum, mixup_sum, self.args, training)
         metrics = self._metrics[mode]
         metrics["entropy"].append(entropy_sum / max(ntp_count, 1))
         metrics["mean_token_accuracy"].append(correct / max(ntp_count, 1))
@@ -514,10 +514,18 @@ class TrainingDiverged(InputError):
     """The loss became NaN or inf: nothing from this step on is saved."""
 
 
-def check_finite_loss(step: int, ntp_sum: float, mixup_sum: float, args) -> None:
-    """Stop at the first NaN/inf loss, naming the step, instead of training (and saving) a broken model."""
+def check_finite_loss(step: int, ntp_sum: float, mixup_sum: float, args, training: bool = True) -> None:
+    """Stop at the first NaN/inf loss, naming the step (or the evaluation), instead of training (and saving) a
+    broken model."""
     if math.isfinite(ntp_sum) and math.isfinite(mixup_sum):
         return
+    if not training:  # not a diverged training step: the weights being evaluated give NaN/inf on this set
+        raise InputError(
+            f"evaluation at step {step} failed: the NTP loss on the evaluation set ({args.eval_dataset_path}) is "
+            f"{ntp_sum}: the model overflows on these examples (fp16?) or holds NaN/inf weights. What was saved is "
+            "kept (checkpoints; at the final evaluation, the trained model): check it, evaluate in bf16 or float32, "
+            "or check the evaluation set."
+        )
     term = "NTP" if not math.isfinite(ntp_sum) else "Mixup"
     raise TrainingDiverged(
         f"training diverged at step {step}: the {term} loss is {ntp_sum if term == 'NTP' else mixup_sum} "

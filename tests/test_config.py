@@ -6,7 +6,7 @@ import pytest
 from conftest import make_conversations, write_jsonl
 
 from sftmix.cli import _parse
-from sftmix.config import SFTMixConfig
+from sftmix.config import SFTMixConfig, result_settings
 from sftmix.errors import InputError
 from sftmix.pipeline import resolve_datasets
 
@@ -61,3 +61,24 @@ def test_trl_names_map_onto_sftmix_fields(tmp_path):
         parse_yaml(tmp_path, "dataset_name: data.jsonl\ndataset_streaming: true\n")
     with pytest.raises(InputError, match="disagree"):
         parse_yaml(tmp_path, "dataset_name: a.jsonl\ndataset_path: b.jsonl\n")
+
+
+def test_result_settings_leave_out_bookkeeping_inputs_and_secrets():
+    def settings(**fields):
+        return result_settings(SFTMixConfig(**{"output_dir": "a", "loss_type": "ntp", "eos_token": "<|im_end|>",
+                                               **fields}))
+
+    base = settings()
+    assert base["eos_token"] == "<|im_end|>" and base["processes"] == 1  # to_dict() masks every *_token field
+    bookkeeping = settings(output_dir="b", logging_steps=7, save_steps=3, save_total_limit=1, eval_steps=4,
+                           report_to=[], run_name="x", disable_tqdm=True, hub_token="secret-value",
+                           dataloader_num_workers=2)
+    inputs = settings(dataset_path="other.jsonl", model_name_or_path="other-model", max_examples=5)
+    no_mixup_read = settings(mixup_weight=0.9, mixup_alpha=0.1)  # NTP reads no Mixup setting
+    assert bookkeeping == inputs == no_mixup_read == base
+    assert "secret-value" not in json.dumps(result_settings(SFTMixConfig(output_dir="a", hub_token="secret-value")))
+    for change in ({"learning_rate": 1e-4}, {"truncation": "right"}, {"dtype": "bfloat16"}, {"lora_dropout": 0.0},
+                   {"save_dtype": "bfloat16"}, {"dataloader_drop_last": True}, {"eos_token": "</s>"}):
+        assert settings(**change) != base, change
+    mixing = result_settings(SFTMixConfig(output_dir="a", mixup_weight=0.2))
+    assert result_settings(SFTMixConfig(output_dir="a", mixup_weight=0.5)) != mixing

@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,54 @@ def test_online_dynamics_resume_after_kill(tiny_model_dir, tiny_data, tmp_path):
     assert (tmp_path / "killed" / "confidence.jsonl").read_text() == (straight / "confidence.jsonl").read_text()
     with pytest.raises(ValueError, match="cannot use --checkpoints"):
         dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], online=True, checkpoints=[str(tiny_model_dir)])
+
+
+def test_reference_run_keeps_only_its_checkpoints_and_only_their_weights(tiny_model_dir, tiny_data, tmp_path):
+    """C = 4 over 8 steps with the user's save_steps 1: only checkpoints 2, 4, 6, 8; an older one loses its
+    optimizer, scheduler and RNG states once a newer one is complete; a kill still resumes to the same split."""
+    from test_trainer import CrashAfter
+
+    resume_only = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+    def config(name):
+        return dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name=name, save_strategy="steps",
+                               save_steps=1)
+
+    with pytest.raises(KeyboardInterrupt):
+        dynamics(config("killed"), callbacks=[CrashAfter(6)])
+    reference = tmp_path / "killed" / "reference"
+    assert sorted(path.name for path in reference.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4",
+                                                                            "checkpoint-6"]
+    assert not any((reference / "checkpoint-2" / name).exists() for name in resume_only)
+    assert all((reference / checkpoint / name).exists() for checkpoint in ("checkpoint-4", "checkpoint-6")
+               for name in resume_only)  # checkpoint-4 would have been stripped after checkpoint-6: killed first
+    killed = dynamics(config("killed"))  # resumes from checkpoint-6
+    straight = dynamics(config("straight"))
+    assert (killed / "confidence.jsonl").read_text() == (straight / "confidence.jsonl").read_text()
+    for checkpoint in json.loads((killed / "dynamics.json").read_text())["checkpoints"]:
+        assert (Path(checkpoint) / "model.safetensors").exists()  # what scoring read
+        assert not any((Path(checkpoint) / name).exists() for name in resume_only)  # the last one too, once done
+
+
+def test_a_stripped_checkpoint_keeps_what_loading_its_weights_needs(tmp_path):
+    """Trainer, FSDP and DeepSpeed layouts: engine folders go only where plain weights are there to score."""
+    from sftmix.files import strip_training_state
+
+    layout = ["model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", "optimizer.pt",
+              "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "latest", "optimizer_0/__0_0.distcp",
+              "pytorch_model_fsdp_0/__0_0.distcp", "global_step8/zero_pp_rank_0_mp_rank_00_model_states.pt",
+              "global_step8/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+    def checkpoint(name, files):
+        for file in files:
+            (tmp_path / name / file).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / file).write_text("x")
+        strip_training_state(tmp_path / name)
+        return sorted(str(path.relative_to(tmp_path / name)) for path in (tmp_path / name).rglob("*")
+                      if path.is_file())
+
+    assert checkpoint("full", layout) == ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json"]
+    engine_only = [file for file in layout if file != "model.safetensors"]
+    assert checkpoint("engine-only", engine_only) == [  # the shards are the weights: kept, optimizer states not
+        "config.json", "global_step8/zero_pp_rank_0_mp_rank_00_model_states.pt", "latest",
+        "pytorch_model_fsdp_0/__0_0.distcp", "tokenizer.json", "trainer_state.json"]

@@ -135,3 +135,28 @@ def test_reference_folder_sftmix_did_not_record_is_not_deleted(tiny_model_dir, t
     with pytest.raises(InputError, match=r"reference holds no record of the settings that made it"):
         dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1))
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"truncation": "right"}, r"reference.truncation: \"turns\" -> \"right\""),  # same messages, other tokens
+    ({"dtype": "bfloat16"}, r"reference.dtype: \"float32\" -> \"bfloat16\""),  # model loading (TRL's ModelConfig)
+    ({"neftune_noise_alpha": 5.0}, r"reference.neftune_noise_alpha: null -> 5.0"),  # any training setting
+])
+def test_every_setting_of_the_reference_run_keys_its_split(tiny_model_dir, tiny_data, tmp_path, change, named):
+    config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=1)
+    dynamics(config)
+    with pytest.raises(InputError, match=r"dyn holds a finished confidence split made with other settings \(.*"
+                                         + named):
+        dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=1,
+                                 **change))
+    # bookkeeping (logging, saving, reporting) is no setting of the result: the finished split is accepted
+    dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=1,
+                             logging_steps=3, save_steps=7, report_to=[], scoring_batch_tokens=300))
+
+
+def test_truncation_keys_each_checkpoints_scores(tiny_model_dir, tiny_data, tmp_path, caplog):
+    dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)]))
+    (tmp_path / "dyn" / "dynamics.json").unlink()  # as if killed before the outputs
+    dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)],
+                             truncation="right"))
+    assert "computed with other settings (truncation: \"turns\" -> \"right\")" in caplog.text

@@ -152,7 +152,12 @@ def test_stage_keys_hold_resolved_paths(tmp_path, monkeypatch):
     assert inside[0] == inside[1] and json.dumps(inside[0]).count(str(tmp_path)) == 0  # moves with the run folder
 
 
-def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch):
+@pytest.mark.parametrize("weight_files", [
+    ["model.safetensors"],
+    # a sharded save has no model.safetensors: the stage once keyed it as None whatever the weights
+    ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"],
+])
+def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch, weight_files):
     """The eval stage key once lost the model's weight hash (a config field of the same name overwrote it)."""
     run_dir = tmp_path / "run"
     (run_dir / "data").mkdir(parents=True)
@@ -164,6 +169,8 @@ def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "evaluate", lambda config: evaluated.append(config.model))
     config = RunConfig(output_dir=str(run_dir), use_cpu=True)
     for weights in (b"first training", b"first training", b"retrained"):
-        (model_dir / "model.safetensors").write_bytes(weights)
+        for name in weight_files:
+            (model_dir / name).write_bytes(weights)
         pipeline._eval_stage(config, run_dir, model_dir)
     assert len(evaluated) == 2  # skipped when unchanged, redone after the retrain
+

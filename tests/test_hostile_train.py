@@ -8,10 +8,12 @@ import pytest
 from conftest import model_variant, write_groups, write_jsonl
 from test_dynamics import dynamics_config
 from test_trainer import CrashAfter, make_config
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
+from sftmix.data import build_dataset
 from sftmix.errors import InputError
 from sftmix.pipeline import dynamics, train
+from sftmix.trainer import SFTMixTrainer
 
 # --------------------------------------------------------------------------- 15. confidence covering more examples
 
@@ -185,3 +187,65 @@ def test_kill_between_last_checkpoint_and_final_save_adds_no_step(straight_run, 
     assert final_step(output_dir) == 6
     assert_same_weights(weights(output_dir), straight_run[1])
     assert final_log(output_dir)["train_loss"] == pytest.approx(straight_run[2]["train_loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- 17. checkpoints of another training
+
+
+def test_checkpoints_of_a_training_with_other_settings_are_not_resumed(straight_run, tiny_model_dir, tiny_data,
+                                                                       tmp_path):
+    """A finished SFTMix run in `out`, then NTP into the same `out`: it used to resume at max_steps, train 0 steps
+    and save the SFTMix weights as the NTP model, exit 0."""
+    output_dir = straight_run[0]
+    before = {path.name: path.stat().st_mtime_ns for path in output_dir.iterdir()}
+    ntp = resumable(tmp_path, tiny_model_dir, tiny_data, "unused")
+    ntp.output_dir, ntp.loss_type, ntp.confidence_path = str(output_dir), "ntp", None
+    with pytest.raises(InputError, match=r"straight holds checkpoints of a training with other settings \(.*"
+                                         r"loss_type: \"sftmix\" -> \"ntp\".*another --output_dir, or delete"):
+        train(ntp)
+    other_lr = resumable(tmp_path, tiny_model_dir, tiny_data, "unused")
+    other_lr.output_dir, other_lr.learning_rate = str(output_dir), 5e-3
+    with pytest.raises(InputError, match=r"learning_rate: 0.001 -> 0.005"):
+        train(other_lr)
+    assert {path.name: path.stat().st_mtime_ns for path in output_dir.iterdir()} == before  # nothing touched
+
+
+def test_bookkeeping_settings_may_change_on_resume(straight_run, tiny_model_dir, tiny_data, tmp_path, caplog):
+    config = resumable(tmp_path, tiny_model_dir, tiny_data, "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[CrashAfter(4)])
+    changed = resumable(tmp_path, tiny_model_dir, tiny_data, "killed")
+    changed.logging_steps, changed.save_steps, changed.report_to, changed.disable_tqdm = 3, 1, [], False
+    output_dir = train(changed)
+    assert f"Resuming from {tmp_path / 'killed' / 'checkpoint-4'}" in caplog.text
+    assert_same_weights(weights(output_dir), straight_run[1])
+
+
+# --------------------------------------------------------------------------- 18. the final evaluation
+
+
+class KilledWhileEvaluating(TrainerCallback):
+    def on_prediction_step(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt("simulated kill during the final evaluation")
+
+
+def test_a_kill_during_the_final_evaluation_keeps_the_trained_model(straight_run, tiny_model_dir, tiny_data,
+                                                                   tmp_path):
+    config = resumable(tmp_path, tiny_model_dir, tiny_data, "killed")
+    config.eval_dataset_path = str(tiny_data[0])  # evaluated once, after training (eval_strategy "no")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[KilledWhileEvaluating()])
+    assert_same_weights(weights(tmp_path / "killed"), straight_run[1])  # saved before the evaluation started
+
+
+def test_nan_in_an_evaluation_is_named_as_the_evaluation(tiny_model_dir, tiny_data, tokenizer, tmp_path):
+    def nan_head(model):
+        model.lm_head.weight.fill_(float("nan"))
+
+    model = AutoModelForCausalLM.from_pretrained(model_variant(tiny_model_dir, tmp_path / "nan-model", nan_head))
+    dataset, _ = build_dataset(tiny_data[0], tokenizer, max_length=64)
+    config = make_config(tmp_path, loss_type="ntp", eval_dataset_path=str(tiny_data[0]))
+    trainer = SFTMixTrainer(model, args=config, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(InputError, match=r"evaluation at step 0 failed: the NTP loss on the evaluation set "
+                                         r"\(.*data.jsonl\) is nan: the model overflows"):
+        trainer.evaluate()

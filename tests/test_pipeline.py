@@ -102,6 +102,12 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, run
     skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
     assert len(skipped) == 4  # data, dynamics, sftmix training, eval
     assert (tmp_path / "run" / "sftmix-seed5" / "model.safetensors").stat().st_mtime_ns == stamp
+    bookkeeping = run_config(tmp_path, tiny_model_dir, run_data, variants=["sftmix"], logging_steps=2, save_steps=3,
+                             save_total_limit=1, eval_steps=5, report_to=[], run_name="again", disable_tqdm=False,
+                             scoring_batch_tokens=300)
+    caplog.clear()
+    run(bookkeeping)  # logging, saving and reporting change no result: nothing is redone
+    assert len([r for r in caplog.records if "up to date" in r.getMessage()]) == 4
     changed = run_config(tmp_path, tiny_model_dir, run_data, variants=["sftmix"], mixup_weight=0.5)
     caplog.clear()
     run(changed)
@@ -110,6 +116,30 @@ def test_unchanged_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, run
     assert (tmp_path / "run" / "sftmix-seed5" / "model.safetensors").stat().st_mtime_ns != stamp
     report = (tmp_path / "run" / "report.md").read_text()
     assert "mu = 0.5" in report and "SFTMix - NTP" not in report and "No NTP baseline" in report
+
+
+def test_without_a_mixing_variant_there_is_no_stage_1_and_mixup_settings_change_nothing(tiny_model_dir, run_data,
+                                                                                         tmp_path, caplog):
+    directory = run(run_config(tmp_path, tiny_model_dir, run_data, variants=["ntp"]))
+    assert not (directory / "dynamics").exists()  # no reference run, no scoring pass
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert metrics["split"] is None and set(metrics["runs"]) == {"ntp-seed5"}
+    assert "No confidence split" in (directory / "report.md").read_text()
+    stamp = (directory / "ntp-seed5" / "model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    run(run_config(tmp_path, tiny_model_dir, run_data, variants=["ntp"], mixup_weight=0.5, mixup_alpha=0.3,
+                   mixup_lambda_per="batch"))  # NTP reads no Mixup setting
+    assert len([r for r in caplog.records if "up to date" in r.getMessage()]) == 3  # data, ntp, eval
+    run(run_config(tmp_path, tiny_model_dir, run_data, variants=["ntp"], truncation="right"))
+    assert (directory / "ntp-seed5" / "model.safetensors").stat().st_mtime_ns != stamp  # retrained
+
+
+def test_stages_do_not_inherit_the_runs_resume_from_checkpoint(tiny_model_dir, run_data, tmp_path):
+    from sftmix.pipeline import _stage_config
+
+    config = run_config(tmp_path, tiny_model_dir, run_data, resume_from_checkpoint=str(tmp_path / "elsewhere"))
+    stage = _stage_config(SFTMixConfig, config, output_dir=str(tmp_path / "stage"), loss_type="ntp")
+    assert stage.resume_from_checkpoint is None
 
 
 def test_several_seeds_report_mean_and_spread(tiny_model_dir, run_data, tmp_path):
