@@ -26,7 +26,16 @@ from typing import Any
 from . import distributed
 from . import dynamics as dyn
 from .config import VARIANT_LOSS_TYPES, DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
-from .data import DataReport, DatasetSpec, build_dataset, mix_records, read_confidence, spec_records, write_records
+from .data import (
+    DataReport,
+    DatasetSpec,
+    build_dataset,
+    load_prompts,
+    mix_records,
+    read_confidence,
+    spec_records,
+    write_records,
+)
 from .errors import InputError
 from .files import (
     OutputLock,
@@ -458,13 +467,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     output_dir = Path(config.output_dir)
     distributed.on_main(_write_eval_outputs, output_dir, metrics, files)
     if config.official_scorer:  # decided by the config; the answers and every other number are on disk first
-        metrics["alpaca_eval"] = distributed.on_main(official_score, config, output_dir / "model_outputs.json",
+        metrics["alpaca_eval"] = distributed.on_main(_official_score, config, output_dir / "model_outputs.json",
                                                      output_dir / "alpaca_eval", _generator(config))
         distributed.on_main(write_atomic, output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
-def official_score(config, model_outputs: Path, output_dir: Path, name: str) -> dict[str, Any]:
+def _official_score(config: EvalConfig | RunConfig, model_outputs: Path, output_dir: Path, name: str) -> dict[str, Any]:
     """The official AlpacaEval 2 score of `model_outputs` with the config's annotator, reference and judge."""
     from . import eval as ev
 
@@ -480,7 +489,6 @@ def _generator(config: EvalConfig) -> str:
 def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
     """FastChat MT-Bench answers (model_answer format), every turn answered greedily in order."""
     from . import eval as ev
-    from .data import load_prompts
 
     questions = load_prompts(config.mt_bench_questions)
     answers = ev.generate_answers(model, tokenizer, [q["turns"] for q in questions], config.max_new_tokens,
@@ -492,7 +500,6 @@ def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any]
 def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
     """Answers in AlpacaEval format, and in MT-Bench format when a prompt has several turns."""
     from . import eval as ev
-    from .data import load_prompts
 
     prompts = load_prompts(config.prompts, config.num_generations)
     answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,
@@ -649,7 +656,7 @@ def _alpaca_eval_stage(config: RunConfig, run_dir: Path, name: str) -> None:
 
 
 def _write_official_score(config: RunConfig, answers: Path, score: Path, name: str) -> None:
-    write_atomic(score, json.dumps(official_score(config, answers, score.parent, name), indent=2))
+    write_atomic(score, json.dumps(_official_score(config, answers, score.parent, name), indent=2))
 
 
 def _file_official_score(metrics_path: Path, score: Path | None) -> None:

@@ -85,3 +85,12 @@ def test_cpu_replication_config():
     repository = CONFIGS.parent
     for reference in [*config.eval_datasets, config.generation_prompts]:
         assert (repository / reference).exists()
+
+
+def test_documented_run_config_uses_variants(cluster_inputs, caplog):
+    """configs/run.yaml is the README's first `sftmix run`: no deprecated field, so no deprecation warning."""
+    path = CONFIGS / "run.yaml"
+    assert path.read_text().splitlines()[0] == "# sftmix run --config configs/run.yaml"
+    config = parse(path, *cluster_inputs[:4])
+    assert config.variants == ["ntp", "sftmix"] and config.seeds == [1, 2, 3]
+    assert not [record for record in caplog.records if "deprecated" in record.getMessage()]
