@@ -282,7 +282,7 @@ def reference_key(config, prepared) -> dict[str, Any]:
 def scores_key(checkpoint: str, config, prepared) -> dict[str, Any]:
     """What determines one checkpoint's scores: its weights, the tokenizer, the data and max_length."""
     return _json_form({"checkpoint": model_identity(checkpoint), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                   "data": prepared.report.fingerprint, "max_length": config.max_length})
+                       "data": prepared.report.fingerprint, "max_length": config.max_length})
 
 
 def dynamics_key(config, prepared) -> dict[str, Any]:
@@ -292,8 +292,8 @@ def dynamics_key(config, prepared) -> dict[str, Any]:
     else:
         source = {"reference": reference_key(config, prepared)}
     return _json_form({**source, "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                   "data": prepared.report.fingerprint, "max_length": config.max_length,
-                   "split_ratio": config.split_ratio})
+                       "data": prepared.report.fingerprint, "max_length": config.max_length,
+                       "split_ratio": config.split_ratio})
 
 
 def clear_stale(output_dir: Path, key: dict[str, Any]) -> None:
