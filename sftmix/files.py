@@ -21,7 +21,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +101,21 @@ def save_figure(figure, path: str | Path) -> None:
     staging.replace(path)
 
 
-def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """One JSON object per line, written atomically. NaN and inf are refused: they are not JSON."""
-    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
+def jsonl_text(rows: Iterable[dict[str, Any]], user_data: bool = False) -> str:
+    """One JSON object per line, non-ASCII text kept as it is.
+
+    sftmix's own results refuse NaN and inf (they are not JSON; a NaN score is a bug to see).
+    A copy of the user's records (`user_data`: a split, a mixture, a subset) keeps what they hold:
+    NaN as Python writes and reads it, and values JSON has no type for (dates, bytes from Parquet
+    or the hub) as strings, so copying data never fails.
+    """
+    options: dict[str, Any] = {"default": str} if user_data else {"allow_nan": False}
+    return "".join(json.dumps(row, ensure_ascii=False, **options) + "\n" for row in rows)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]], user_data: bool = False) -> None:
+    """`jsonl_text(rows, user_data)`, written atomically."""
+    write_atomic(path, jsonl_text(rows, user_data))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

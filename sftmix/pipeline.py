@@ -40,6 +40,7 @@ from .data import (
     DataReport,
     DatasetSpec,
     build_dataset,
+    load_prompts,
     mix_records,
     read_confidence,
     spec_records,
@@ -50,6 +51,7 @@ from .errors import InputError
 from .files import (
     OutputLock,
     file_hash,
+    jsonl_text,
     key_changes,
     model_identity,
     newest_complete_checkpoint,
@@ -88,14 +90,16 @@ class Prepared:
 
 
 def resolve_datasets(config: SFTMixConfig, with_test: bool = True) -> None:
-    """Turn `trl sft`'s dataset arguments into local files: `config.dataset_path` (and `eval_dataset_path`).
+    """Turn `trl sft`'s dataset arguments into paths: `config.dataset_path` (and `eval_dataset_path`).
 
-    A local file stays as it is, and so does a hub name without a configuration. A dataset
-    directory, a hub dataset with `dataset_config`, or a `datasets:` mixture is read with
-    `datasets` and written (by rank 0) as one JSONL file in the cache, so every stage and rank
-    (and `sftmix run`'s held-out split) reads the same file, keyed by its content. With
-    --eval_strategy and no --eval_dataset_path, the test split (`dataset_test_split`, or
-    `test_split_size` of a mixture) becomes the evaluation set, as in `trl sft`.
+    A local file stays as it is, and so does a hub name without a configuration (read later by
+    `load_records`). A dataset directory, a hub dataset with `dataset_config`, or a `datasets:`
+    mixture is read with `datasets` and written by rank 0 as one JSONL file in the cache, named by
+    the arguments that made it (`data.write_records`; a mixture's test split also by its seed), so
+    every stage and rank reads the same file. With `with_test`, --eval_strategy and no
+    --eval_dataset_path, the test split (`dataset_test_split`, or `test_split_size` of a mixture)
+    becomes the evaluation set, as in `trl sft`; `sftmix run` passes with_test=False (it holds out
+    its own split).
     """
     config.dataset_path, config.eval_dataset_path = distributed.on_main(_resolved_paths, config, with_test)
 
@@ -110,9 +114,11 @@ def _resolved_paths(config: SFTMixConfig, with_test: bool) -> tuple[str | None, 
             raise InputError(f"datasets: each entry takes the keys of TRL's DatasetConfig ({err})") from err
         records = mix_records([spec_records(spec) for spec in specs], [spec.fraction for spec in specs])
         train_part, test_part = _split_off_test(records, config.test_split_size, config.seed)
-        train_path = str(write_records(train_part, [config.datasets, config.test_split_size, "train"]))
+        # the test split is drawn with the seed: jobs with other seeds sharing the cache need their own files
+        made_by = [config.datasets, config.test_split_size, config.seed if test_part else None]
+        train_path = str(write_records(train_part, [*made_by, "train"]))
         if test_part and wants_eval:
-            eval_path = str(write_records(test_part, [config.datasets, config.test_split_size, "test"]))
+            eval_path = str(write_records(test_part, [*made_by, "test"]))
         return train_path, eval_path
     if train_path is None or (Path(train_path).is_file() and config.dataset_config is None):
         return train_path, eval_path
@@ -131,6 +137,9 @@ def _split_off_test(records: list, size: float | None, seed: int) -> tuple[list,
     if not size:
         return records, []
     count = round(size * len(records)) if size < 1 else int(size)
+    if count >= len(records):
+        raise InputError(f"test_split_size {size} takes {count} of the mixture's {len(records)} records for the test "
+                         "split, leaving none to train on: use a smaller share or count")
     chosen = set(random.Random(seed).sample(range(len(records)), count))
     return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])
 
@@ -500,12 +509,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """
     from . import eval as ev
 
-    # decided before any work: `--alpaca_eval_scorer on` without the package or a judge fails here
-    official_scorer = ev.alpaca_eval_wanted(config.alpaca_eval_scorer, bool(config.prompts), config.judge_base_url,
-                                            config.judge_api_key_env)
-    if config.mt_bench_questions and not Path(config.mt_bench_questions).is_file():
-        raise InputError(f"--mt_bench_questions {config.mt_bench_questions}: no such file (FastChat's "
-                         "fastchat/llm_judge/data/mt_bench/question.jsonl)")
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     device = distributed.device(config.use_cpu)
     with distributed.unpartitioned_loading():  # every rank holds a whole model
@@ -532,24 +535,34 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         metrics["confidence"] = spread
     output_dir = Path(config.output_dir)
     distributed.on_main(_write_eval_outputs, output_dir, metrics, files)
-    if official_scorer:  # the answers and every other number are on disk before the judge is called
-        metrics["alpaca_eval"] = distributed.on_main(
-            ev.run_alpaca_eval, output_dir / "model_outputs.json", output_dir / "alpaca_eval",
-            config.generator or Path(config.model).name, config.alpaca_eval_annotator, config.alpaca_eval_reference,
-            config.judge_base_url, config.judge_api_key_env)
+    if config.official_scorer:  # decided by the config; the answers and every other number are on disk first
+        metrics["alpaca_eval"] = distributed.on_main(_official_score, config, output_dir / "model_outputs.json",
+                                                     output_dir / "alpaca_eval", _generator(config))
         distributed.on_main(write_atomic, output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _official_score(config: EvalConfig | RunConfig, model_outputs: Path, output_dir: Path, name: str) -> dict[str, Any]:
+    """The official AlpacaEval 2 score of `model_outputs` with the config's annotator, reference and judge."""
+    from . import eval as ev
+
+    return ev.run_alpaca_eval(model_outputs, output_dir, name, config.alpaca_eval_annotator,
+                              config.alpaca_eval_reference, config.judge_base_url, config.judge_api_key_env)
+
+
+def _generator(config: EvalConfig) -> str:
+    """The name the answers are filed under (model_outputs.json, MT-Bench answers, the leaderboard)."""
+    return config.generator or Path(config.model).name
 
 
 def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
     """FastChat MT-Bench answers (model_answer format), every turn answered greedily in order."""
     from . import eval as ev
 
-    questions = ev.load_prompts(config.mt_bench_questions)
+    questions = load_prompts(config.mt_bench_questions)
     answers = ev.generate_answers(model, tokenizer, [q["turns"] for q in questions], config.max_new_tokens,
                                   config.batch_size, desc="MT-Bench")
-    files["mt_bench_answers.jsonl"] = ev.mt_bench_answers(questions, answers,
-                                                          config.generator or Path(config.model).name)
+    files["mt_bench_answers.jsonl"] = ev.mt_bench_answers(questions, answers, _generator(config))
     return {"questions": len(questions), "turns": sum(len(q["turns"]) for q in questions)}
 
 
@@ -557,10 +570,10 @@ def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> di
     """Answers in AlpacaEval format, and in MT-Bench format when a prompt has several turns."""
     from . import eval as ev
 
-    prompts = ev.load_prompts(config.prompts, config.num_generations)
+    prompts = load_prompts(config.prompts, config.num_generations)
     answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,
                                   config.batch_size)
-    generator = config.generator or Path(config.model).name
+    generator = _generator(config)
     files["model_outputs.json"] = ev.alpaca_eval_outputs(prompts, answers, generator)
     if any(len(p["turns"]) > 1 for p in prompts) and not config.mt_bench_questions:
         files["mt_bench_answers.jsonl"] = ev.mt_bench_answers(prompts, answers, generator)
@@ -581,16 +594,13 @@ def _write_eval_outputs(output_dir: Path, metrics: dict[str, Any], files: dict[s
 
 @claims_output_dir
 def run(config: RunConfig, callbacks: list | None = None) -> Path:
-    """The whole recipe; re-running the same command resumes where it stopped."""
-    from . import report
-    from .eval import alpaca_eval_wanted
+    """The whole recipe; re-running the same command resumes where it stopped.
 
-    if config.mt_bench_questions and not Path(config.mt_bench_questions).is_file():  # found out now, not after training
-        raise InputError(f"--mt_bench_questions {config.mt_bench_questions}: no such file (FastChat's "
-                         "fastchat/llm_judge/data/mt_bench/question.jsonl)")
-    # the official AlpacaEval 2 scorer replaces our pairwise judge when it can run (decided before any training)
-    official_scorer = alpaca_eval_wanted(config.alpaca_eval_scorer, config.generation_prompts is not None,
-                                         config.judge_base_url, config.judge_api_key_env)
+    Every file the evaluation reads was read when the config was made (RunConfig), so a missing or
+    malformed one stops the run here, before any work.
+    """
+    from . import report
+
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolve_datasets(config, with_test=False)  # the run evaluates on its own held-out split
@@ -613,8 +623,10 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     for seed in config.seeds:
         for variant in variants:
             model_dir = _train_stage(config, run_dir, variant, seed, callbacks, weights)
-            _eval_stage(config, run_dir, model_dir, references, official_scorer)
-    if config.judge_base_url and {"sftmix", "ntp"} <= set(variants) and not official_scorer:
+            _eval_stage(config, run_dir, model_dir, references)
+            _alpaca_eval_stage(config, run_dir, model_dir.name)
+    # the official AlpacaEval 2 scorer, when it runs, replaces our pairwise judge
+    if config.judge_base_url and {"sftmix", "ntp"} <= set(variants) and not config.official_scorer:
         answers = [run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json" for s in config.seeds
                    for v in ("sftmix", "ntp")]  # the judge compares these two
         _stage(run_dir / "judge", {"url": config.judge_base_url, "model": config.judge_model,
@@ -669,8 +681,7 @@ def _reference_sets(config: RunConfig, data_dir: Path) -> list[str]:
     paths = []
     for source in config.eval_datasets or []:
         records, _ = load_records(source)
-        text = "".join(json.dumps(record.data, ensure_ascii=False, default=str) + "\n"
-                       for record in records[: config.eval_max_examples])
+        text = jsonl_text((record.data for record in records[: config.eval_max_examples]), user_data=True)
         target = data_dir / "references" / f"{Path(source).stem}.jsonl"
         if not target.exists() or target.read_text(encoding="utf-8") != text:
             write_atomic(target, text)
@@ -678,15 +689,14 @@ def _reference_sets(config: RunConfig, data_dir: Path) -> list[str]:
     return paths
 
 
-def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: list[str] | None = None,
-                official_scorer: bool = False) -> None:
-    """`eval/<variant>-seed<S>`: held-out split + reference sets (`_reference_sets`), answers, confidence spread."""
+def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: list[str] | None = None) -> None:
+    """`eval/<variant>-seed<S>`: held-out split + reference sets (`_reference_sets`), answers, confidence spread.
+
+    No judge setting enters this stage (or its key): the official scorer is a stage of its own
+    (`_alpaca_eval_stage`), so scoring again never generates the answers again.
+    """
     heldout, train_path = str(run_dir / "data" / "heldout.jsonl"), str(run_dir / "data" / "train.jsonl")
     references = list(config.eval_datasets or []) if references is None else references
-    # the judge settings enter the eval stage (and its key) only when the official scorer runs
-    scorer = ({"alpaca_eval_scorer": "on", "alpaca_eval_annotator": config.alpaca_eval_annotator,
-               "alpaca_eval_reference": config.alpaca_eval_reference, "judge_base_url": config.judge_base_url,
-               "judge_api_key_env": config.judge_api_key_env} if official_scorer else {"alpaca_eval_scorer": "off"})
     eval_config = EvalConfig(
         model=str(model_dir), dataset=[heldout, *references],
         prompts=config.generation_prompts or heldout, confidence_dataset=train_path,
@@ -696,12 +706,45 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: l
         batch_size=config.per_device_train_batch_size, scoring_batch_tokens=config.scoring_batch_tokens,
         use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
         attn_implementation=config.attn_implementation,
-        mt_bench_questions=config.mt_bench_questions, **scorer,
+        mt_bench_questions=config.mt_bench_questions, alpaca_eval_scorer="off",
     )
     settings = {name: value for name, value in vars(eval_config).items() if not is_bookkeeping(name)}
     inputs = {"model_weights": model_identity(model_dir),
               "file_contents": [_file_hash(path) for path in [*eval_config.dataset, eval_config.prompts, train_path]]}
     _stage(Path(eval_config.output_dir), {**settings, **inputs}, lambda: evaluate(eval_config), run_dir=run_dir)
+
+
+def _alpaca_eval_stage(config: RunConfig, run_dir: Path, name: str) -> None:
+    """`alpaca_eval/<variant>-seed<S>`: the official AlpacaEval 2 score of `eval/<name>/model_outputs.json`.
+
+    A stage of its own, keyed by the hash of the answers and the judge settings: a scorer failure
+    leaves the answers in place (the rerun only scores), and a new annotator, reference or judge
+    endpoint scores the same answers again. The score is copied into `eval/<name>/metrics.json`,
+    where the report reads it, and taken out of it when this run does not score.
+    """
+    eval_dir, stage_dir = run_dir / "eval" / name, run_dir / "alpaca_eval" / name
+    answers, score = eval_dir / "model_outputs.json", stage_dir / "score.json"
+    if config.official_scorer:
+        reference = config.alpaca_eval_reference
+        key = {"answers": _file_hash(str(answers)), "alpaca_eval_annotator": config.alpaca_eval_annotator,
+               "alpaca_eval_reference": reference, "reference_content": _file_hash(reference) if reference else None,
+               "judge_base_url": config.judge_base_url}
+        _stage(stage_dir, key, lambda: distributed.on_main(_write_official_score, config, answers, score, name))
+    distributed.on_main(_file_official_score, eval_dir / "metrics.json", score if config.official_scorer else None)
+
+
+def _write_official_score(config: RunConfig, answers: Path, score: Path, name: str) -> None:
+    write_atomic(score, json.dumps(_official_score(config, answers, score.parent, name), indent=2))
+
+
+def _file_official_score(metrics_path: Path, score: Path | None) -> None:
+    """Put the official score (the `score` file, or none) into an eval stage's metrics.json."""
+    metrics = json.loads(metrics_path.read_text())
+    filed = metrics.pop("alpaca_eval", None)
+    if score is not None:
+        metrics["alpaca_eval"] = json.loads(score.read_text())
+    if metrics.get("alpaca_eval") != filed:
+        write_atomic(metrics_path, json.dumps(metrics, indent=2))
 
 
 def split_heldout(config: RunConfig, data_dir: Path) -> None:
@@ -722,8 +765,8 @@ def split_heldout(config: RunConfig, data_dir: Path) -> None:
     if len(training) < 2:
         raise InputError(f"{report.source}: eval_fraction {config.eval_fraction} of {len(ordered)} records leaves "
                          f"{len(training)} for training; use more data or a smaller --eval_fraction")
-    write_atomic(data_dir / "heldout.jsonl", "".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in heldout))
-    write_atomic(data_dir / "train.jsonl", "".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in training))
+    write_jsonl(data_dir / "heldout.jsonl", (record.data for record in heldout), user_data=True)
+    write_jsonl(data_dir / "train.jsonl", (record.data for record in training), user_data=True)
     write_atomic(data_dir / "split.json", json.dumps({"source": report.source, "train": len(training),
                                                       "heldout": len(heldout), "load_report": vars(report)}, indent=2))
 
@@ -766,7 +809,7 @@ def _stage(directory: Path, key: dict, work, run_dir: Path | None = None) -> Non
 # Config fields and stage inputs that hold file or directory paths (and every field named *_path).
 PATH_FIELDS = {"dataset", "dataset_path", "datasets", "model", "model_name_or_path", "confidence_path", "checkpoints",
                "resume_from_checkpoint", "prompts", "confidence_dataset", "eval_datasets", "generation_prompts",
-               "chat_template_path", "deepspeed"}
+               "chat_template_path", "deepspeed", "alpaca_eval_reference"}
 
 
 def stage_key(key: dict, run_dir: str | Path) -> dict:
@@ -774,11 +817,11 @@ def stage_key(key: dict, run_dir: str | Path) -> dict:
     moved run folder give the same key. A name that is no local path (a hub id) is kept as it is."""
     root = Path(run_dir).resolve()
 
-    def identity(value):
+    def comparable(value):
         if isinstance(value, (list, tuple)):
-            return [identity(item) for item in value]
+            return [comparable(item) for item in value]
         if isinstance(value, dict):  # a dataset mixture entry
-            return {name: identity(item) if name in ("path", "data_files", "data_dir") else item
+            return {name: comparable(item) if name in ("path", "data_files", "data_dir") else item
                     for name, item in value.items()}
         if not isinstance(value, str):
             return value
@@ -788,7 +831,7 @@ def stage_key(key: dict, run_dir: str | Path) -> dict:
         resolved = path.resolve()
         return f"<run>/{resolved.relative_to(root)}" if resolved.is_relative_to(root) else str(resolved)
 
-    return {name: identity(value) if name in PATH_FIELDS or name.endswith("_path") else value
+    return {name: comparable(value) if name in PATH_FIELDS or name.endswith("_path") else value
             for name, value in key.items()}
 
 

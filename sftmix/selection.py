@@ -23,19 +23,17 @@ from typing import Any
 
 from .data import (
     DataError,
-    UniqueIds,
     default_dataset_path,
     example_id,
     load_records,
+    messages_and_ids,
+    read_confidence_field,
     supervised_turns,
-    to_messages,
 )
 from .errors import InputError
-from .files import write_atomic
+from .files import write_atomic, write_jsonl
 
 logger = logging.getLogger(__name__)
-
-SCORES = ("confidence", "variability", "length")
 
 
 def response_length(messages: list[dict[str, str]]) -> int:
@@ -43,20 +41,22 @@ def response_length(messages: list[dict[str, str]]) -> int:
     return sum(len(messages[index]["content"]) for index in supervised_turns(messages))
 
 
-def record_scores(records, by: str, confidence_path: str | None) -> tuple[list[str], dict[str, float], list[str]]:
-    """(id of every record, score per scored id, ids of records with no score) for `by`."""
-    ids, unique_ids, lengths = [], UniqueIds(), {}
-    for record in records:
-        messages = to_messages(record)
-        identifier = example_id(record, messages)
-        # the same #k suffixes as data.build_dataset (which skips records with no reply first), so ids
-        # match confidence files
-        if any(messages[index]["content"] for index in supervised_turns(messages)):
-            identifier = unique_ids.claim(identifier)
+def record_scores(records, by: str,
+                  confidence_path: str | None) -> tuple[list[str | None], dict[str, float], list[str]]:
+    """(example id of every record, score per scored id, ids of the records with no score) for `by`.
+
+    The ids are build_dataset's (`data.messages_and_ids`), so they match confidence files. A record
+    with no assistant reply is no example: its id is None, and it is unscored (named by its own id).
+    """
+    ids, lengths, no_reply = [], {}, []
+    for record, (messages, identifier) in zip(records, messages_and_ids(records)):
         ids.append(identifier)
-        lengths[identifier] = float(response_length(messages))
+        if identifier is None:
+            no_reply.append(example_id(record, messages))
+        else:
+            lengths[identifier] = float(response_length(messages))
     if by == "length":
-        return ids, lengths, []
+        return ids, lengths, no_reply
     if confidence_path is None:
         raise InputError(f"--by {by} needs --confidence_path (the confidence.jsonl of `sftmix dynamics` on this data)")
     scores = read_scores(confidence_path, by)
@@ -67,35 +67,21 @@ def record_scores(records, by: str, confidence_path: str | None) -> tuple[list[s
             "it was made from other data. Use the confidence file of `sftmix dynamics` on this dataset "
             "(with the same --max_examples)."
         )
-    unscored = [identifier for identifier in ids if identifier not in scores]
-    return ids, scores, unscored
+    unscored = [identifier for identifier in ids if identifier is not None and identifier not in scores]
+    return ids, scores, no_reply + unscored
 
 
 def read_scores(confidence_path: str, by: str) -> dict[str, float]:
     """id -> confidence or variability from a confidence file; names the line of a bad row."""
-    path = Path(confidence_path)
-    if not path.exists():
-        raise InputError(f"{path}: no such confidence file; make one with `sftmix dynamics`")
-    scores: dict[str, float] = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{line_number}: invalid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-        value = row.get(by)
+    def problem(value: Any) -> str | None:
         if value is None and by == "variability":
-            raise InputError(f"{path}:{line_number}: no 'variability' (written before sftmix recorded it): re-run "
-                             "`sftmix dynamics`")
-        if "id" not in row or not isinstance(value, (int, float)) or math.isnan(value):
-            raise InputError(f"{path}:{line_number}: needs 'id' and a numeric {by!r}, got {line[:200]!r}")
-        if str(row["id"]) in scores:
-            raise InputError(f"{path}:{line_number}: duplicate id {row['id']!r}")
-        scores[str(row["id"])] = float(value)
-    return scores
+            return "no 'variability' (written before sftmix recorded it): re-run `sftmix dynamics`"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"needs 'id' and a finite number {by!r}"
+        return None
+
+    return {identifier: float(value) for identifier, value in read_confidence_field(confidence_path, by,
+                                                                                      problem).items()}
 
 
 def choose(scores: dict[str, float], keep: str, count: int) -> list[str]:
@@ -113,9 +99,9 @@ def select(config) -> dict[str, Any]:
         raise DataError(f"{config.dataset_path}: no records")
     ids, scores, unscored = record_scores(records, config.by, config.confidence_path)
     if unscored:
-        logger.warning("%d of %d records have no %s in %s (dropped by `sftmix dynamics`, e.g. no assistant reply "
-                       "or nothing left after truncation); they cannot be selected", len(unscored), len(ids),
-                       config.by, config.confidence_path)
+        source = f" in {config.confidence_path}" if config.by != "length" else ""
+        logger.warning("%d of %d records have no %s%s (no assistant reply, or dropped by `sftmix dynamics`: nothing "
+                       "left after truncation); they cannot be selected", len(unscored), len(ids), config.by, source)
     count = config.k if config.k is not None else round(config.fraction * len(scores))
     if count < 1:
         raise InputError(f"the selection is empty: {config.fraction} of {len(scores)} scored records rounds to 0")
@@ -151,6 +137,6 @@ def _with_id(data: dict[str, Any], identifier: str) -> dict[str, Any]:
 def _write_records(path: Path, rows: list[dict[str, Any]]) -> None:
     """JSONL or a JSON array by the output's suffix (SelectConfig checks it): both load back with `load_records`."""
     if path.suffix == ".jsonl":
-        write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+        write_jsonl(path, rows, user_data=True)
     else:
         write_atomic(path, json.dumps(rows, ensure_ascii=False, indent=1, default=str))

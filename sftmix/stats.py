@@ -58,10 +58,6 @@ def std_difference(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None = No
     return a.std(axis=-1, ddof=1) - b.std(axis=-1, ddof=1)
 
 
-STATISTICS: dict[str, Statistic] = {"weighted_mean_difference": weighted_mean_difference,
-                                    "std_difference": std_difference}
-
-
 # --------------------------------------------------------------------------- the bootstrap
 
 

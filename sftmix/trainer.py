@@ -1,13 +1,20 @@
 """`SFTMixTrainer`: TRL's `SFTTrainer` with balanced confident/unconfident batches and the SFTMix loss.
 
-Only three things change relative to SFTTrainer:
+What the method changes relative to SFTTrainer:
 1. the train dataloader: `BalancedBatchSampler` puts B/2 confident then B/2
    unconfident examples in every per-device batch, so row k pairs with row k + B/2;
 2. the model's forward accepts `sftmix=SFTMixRequest(...)` and then computes the
    loss from the final hidden states *inside* the forward (as TRL's fused LM head
    does), so the LM head is used where FSDP / ZeRO-3 have gathered it;
-3. `compute_loss` builds that request (pairs, lambdas, normalisers) and logs
-   `ntp_loss`, `mixup_loss` and `mixup_lambda`.
+3. `compute_loss` builds that request (pairs, lambdas, and the normalisers that
+   `get_batch_samples` counts once per optimisation step) and logs `ntp_loss`,
+   `mixup_loss` and `mixup_lambda` beside what SFTTrainer logs (token accuracy,
+   entropy, num_tokens, the MoE router aux loss).
+
+What a run needs around it: `save_model` gathers full weights under sharded engines,
+`train` never steps past max_steps and reports train_runtime / train_loss over the whole
+run across resumes (`RunTotals`), a NaN/inf loss stops training (`check_finite_loss`),
+`record_nll` keeps each example's NLL for online dynamics, and the model card names SFTMix.
 """
 
 from __future__ import annotations
@@ -227,8 +234,8 @@ class SFTMixTrainer(SFTTrainer):
         patched = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_sftmix_head(patched)
         self.add_callback(RunTotals())
-        # Online training dynamics: example id -> [(epoch, response NLL sum, response tokens), ...]
-        self.online_nll: dict[str, list[tuple[float, float, int]]] | None = None
+        # Online training dynamics: example id -> [(epoch, step, response NLL sum, response tokens), ...]
+        self.online_nll: dict[str, list[tuple[int, int, float, int]]] | None = None
         if record_nll:
             self.online_nll = defaultdict(list)
             self.data_collator = _CollatorWithIds(self.data_collator)

@@ -82,3 +82,26 @@ def test_result_settings_leave_out_bookkeeping_inputs_and_secrets():
         assert settings(**change) != base, change
     mixing = result_settings(SFTMixConfig(output_dir="a", mixup_weight=0.2))
     assert result_settings(SFTMixConfig(output_dir="a", mixup_weight=0.5)) != mixing
+
+
+def test_mixture_test_splits_of_other_seeds_never_overwrite_each_other(tmp_path):
+    """The test split is drawn with the seed: jobs with other seeds sharing $SFTMIX_CACHE keep their own files."""
+    write_jsonl(tmp_path / "a.jsonl", make_conversations(20))
+    mixture = (f"datasets:\n  - path: {tmp_path / 'a.jsonl'}\ntest_split_size: 0.25\neval_strategy: steps\n"
+               "eval_steps: 1\n")
+    first = parse_yaml(tmp_path, mixture + "seed: 1\n")
+    resolve_datasets(first)
+    first_train, first_test = ids_of(first.dataset_path), ids_of(first.eval_dataset_path)
+    second = parse_yaml(tmp_path, mixture + "seed: 2\n")
+    resolve_datasets(second)
+    assert ids_of(second.eval_dataset_path) != first_test and len(first_test) == 5  # each seed draws its own split
+    assert (ids_of(first.dataset_path), ids_of(first.eval_dataset_path)) == (first_train, first_test)  # intact
+    assert sorted(first_train + first_test) == sorted(f"e{i}" for i in range(20))
+
+
+@pytest.mark.parametrize("size", [20, 30])
+def test_test_split_that_leaves_nothing_to_train_is_refused(tmp_path, size):
+    write_jsonl(tmp_path / "a.jsonl", make_conversations(20))
+    config = parse_yaml(tmp_path, f"datasets:\n  - path: {tmp_path / 'a.jsonl'}\ntest_split_size: {size}\n")
+    with pytest.raises(InputError, match=rf"test_split_size {size} takes {size} of the mixture's 20 records"):
+        resolve_datasets(config)

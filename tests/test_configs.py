@@ -1,14 +1,16 @@
 """The shipped configs: the paper's GPU recipe and the CPU replication parse, and say what they claim."""
 
+import os
 import re
 from pathlib import Path
 
 import pytest
-from conftest import make_tokenizer
+from conftest import make_tokenizer, write_jsonl
 from trl import TrlParser
 
 from sftmix.config import VARIANTS, RunConfig
 from sftmix.data import tokenize_conversation
+from sftmix.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ACCELERATE_CONFIGS = {"ddp", "fsdp2", "zero3", "zero3_offload"}  # configs/accelerate/*.yaml (issue 8)
@@ -19,14 +21,33 @@ def parse(path: Path, *overrides: str) -> RunConfig:
     return config
 
 
+@pytest.fixture
+def cluster_inputs(tmp_path, monkeypatch):
+    """What the paper configs read at start-up and the user supplies: AlpacaEval and MT-Bench files, the
+    `alpaca_eval` command and a judge key (a stand-in script; nothing is scored here)."""
+    alpaca_eval = write_jsonl(tmp_path / "alpaca_eval.jsonl", [{"instruction": "name a cat", "output": "Tom"}])
+    questions = write_jsonl(tmp_path / "question.jsonl", [{"question_id": 81, "turns": ["a", "b"]}])
+    command = tmp_path / "bin" / "alpaca_eval"
+    command.parent.mkdir()
+    command.write_text("#!/bin/sh\nexit 1\n")
+    command.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{command.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SFTMIX_JUDGE_API_KEY", "test-key")
+    return ["--eval_datasets", str(alpaca_eval), "--generation_prompts", str(alpaca_eval),
+            "--mt_bench_questions", str(questions)]
+
+
 @pytest.mark.parametrize("name", ["llama-3.1-8b-alpaca", "mistral-7b-alpaca"])
-def test_paper_recipe(name):
+def test_paper_recipe(name, cluster_inputs):
     path = CONFIGS / "paper" / f"{name}.yaml"
     header = path.read_text().splitlines()[0]
     command = re.fullmatch(r"# accelerate launch --config_file configs/accelerate/(\w+)\.yaml --num_processes 8 "
                            r"-m sftmix\.cli run --config (\S+)", header)
     assert command and command.group(1) in ACCELERATE_CONFIGS and command.group(2) == f"configs/paper/{name}.yaml"
-    config = parse(path, "--bf16", "false")  # bf16 needs a GPU; everything else as on the cluster
+    with pytest.raises(InputError, match=r"--eval_datasets data/alpaca_eval/gpt4_1106_preview.json: no such file"):
+        parse(path, "--bf16", "false")  # the AlpacaEval file is the user's to supply: refused at start-up without it
+    config = parse(path, "--bf16", "false", *cluster_inputs)  # bf16 needs a GPU; everything else as on the cluster
+    assert config.official_scorer  # alpaca_eval_scorer: "on", with the command and the key there
     # the paper: AdamW, lr 2e-6, cosine, warm-up 0.1, weight decay 0.1, 3 epochs, global batch 32 on 8 GPUs
     assert (config.learning_rate, config.lr_scheduler_type.value, config.warmup_ratio, config.weight_decay) == (
         2e-6, "cosine", 0.1, 0.1)
@@ -54,6 +75,8 @@ def test_paper_prompt_template_supervises_the_response_and_its_end():
 def test_cpu_replication_config():
     path = CONFIGS / "replicate-cpu.yaml"
     assert path.read_text().splitlines()[0] == "# sftmix run --config configs/replicate-cpu.yaml"
+    if not (CONFIGS.parents[1] / "shared" / "data" / "alpaca_eval").is_dir():  # read at start-up
+        pytest.skip("needs ../shared/data/alpaca_eval beside the checkout")
     config = parse(path)
     assert config.variants == list(VARIANTS) and len(config.seeds) >= 3
     assert config.model_name_or_path is None and config.dataset_path is None  # the embedded defaults
@@ -61,6 +84,13 @@ def test_cpu_replication_config():
     assert config.num_train_epochs == 3 and config.per_device_train_batch_size % 2 == 0
     repository = CONFIGS.parent
     for reference in [*config.eval_datasets, config.generation_prompts]:
-        if not (repository / reference).resolve().parent.exists():
-            pytest.skip("needs ../shared/data/alpaca_eval beside the checkout")
         assert (repository / reference).exists()
+
+
+def test_documented_run_config_uses_variants(cluster_inputs, caplog):
+    """configs/run.yaml is the README's first `sftmix run`: no deprecated field, so no deprecation warning."""
+    path = CONFIGS / "run.yaml"
+    assert path.read_text().splitlines()[0] == "# sftmix run --config configs/run.yaml"
+    config = parse(path, *cluster_inputs[:4])
+    assert config.variants == ["ntp", "sftmix"] and config.seeds == [1, 2, 3]
+    assert not [record for record in caplog.records if "deprecated" in record.getMessage()]

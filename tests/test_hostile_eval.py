@@ -15,6 +15,7 @@ from conftest import model_variant, write_jsonl
 from sftmix import eval as ev
 from sftmix import report
 from sftmix.config import EvalConfig
+from sftmix.data import load_prompts
 from sftmix.errors import InputError
 from sftmix.pipeline import evaluate
 
@@ -136,14 +137,14 @@ def test_mt_bench_question_with_no_turns_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "question.jsonl", [{"question_id": 1, "turns": ["hi"]},
                                                      {"question_id": 2, "turns": []}])
     with pytest.raises(InputError, match=r"question\.jsonl:2: 'turns' must be a non-empty list"):
-        ev.load_prompts(str(path))
+        load_prompts(str(path))
 
 
 def test_empty_prompts_file_is_an_error(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n")
     with pytest.raises(InputError, match=r"prompts\.jsonl: no prompts"):
-        ev.load_prompts(str(path))
+        load_prompts(str(path))
 
 
 # --------------------------------------------------------------------------- 6 / 13. diverged or mismatched models
@@ -178,7 +179,7 @@ def test_eval_of_a_model_with_fewer_embeddings_than_tokens_is_refused(tiny_model
                             output_dir=str(tmp_path / "ev"), max_length=64))
 
 
-def test_eval_of_a_missing_model_directory_names_the_path(tmp_path):
+def test_eval_of_a_missing_model_directory_names_the_path(tiny_data, tmp_path):
     with pytest.raises(InputError, match=r"no-such-model: no such directory"):
-        evaluate(EvalConfig(model=str(tmp_path / "no-such-model"), dataset=["d.jsonl"], use_cpu=True,
+        evaluate(EvalConfig(model=str(tmp_path / "no-such-model"), dataset=[str(tiny_data[0])], use_cpu=True,
                             output_dir=str(tmp_path / "ev")))

@@ -174,3 +174,20 @@ def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch
         pipeline._eval_stage(config, run_dir, model_dir)
     assert len(evaluated) == 2  # skipped when unchanged, redone after the retrain
 
+
+def test_held_out_split_copies_values_json_has_no_type_for(tmp_path):
+    """Parquet (and hub) rows may hold dates or bytes: `run`'s split copies them as text, never a traceback."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"e{i}", "instruction": f"question {i}", "output": "an answer",
+             "added": datetime.date(2024, 1, i + 1)} for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    config = RunConfig(output_dir=str(tmp_path / "run"), dataset_path=str(tmp_path / "d.parquet"), eval_fraction=0.2)
+    data_dir = tmp_path / "run" / "data"
+    pipeline.split_heldout(config, data_dir)
+    copied = [json.loads(line) for name in ("train.jsonl", "heldout.jsonl")
+              for line in (data_dir / name).read_text().splitlines()]
+    assert sorted(row["added"] for row in copied) == [f"2024-01-{day:02d}" for day in range(1, 11)]

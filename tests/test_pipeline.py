@@ -142,6 +142,40 @@ def test_stages_do_not_inherit_the_runs_resume_from_checkpoint(tiny_model_dir, r
     assert stage.resume_from_checkpoint is None
 
 
+def test_official_scorer_is_a_stage_of_its_own(tiny_model_dir, run_data, tmp_path, monkeypatch):
+    """A scorer failure, or a new judge setting, scores the same answers again: they are never generated again."""
+    from test_eval import fake_alpaca_eval
+
+    from sftmix import eval as ev
+
+    call_log = fake_alpaca_eval(tmp_path, monkeypatch)
+    monkeypatch.setenv("SFTMIX_JUDGE_API_KEY", "sk-test")
+    prompts = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "tell me about the cat", "output": "a cat"},
+                                                      {"instruction": "why is the sky blue", "output": "light"}])
+    generated, generate = [], ev.generate_answers
+    monkeypatch.setattr(ev, "generate_answers", lambda *args, **kw: generated.append(1) or generate(*args, **kw))
+    settings = dict(variants=["ntp"], generation_prompts=str(prompts), num_generations=2, alpaca_eval_scorer="on",
+                    judge_base_url="http://judge.invalid/v1")
+    answers, scored = tmp_path / "run" / "eval" / "ntp-seed5" / "model_outputs.json", tmp_path / "run" / "metrics.json"
+    monkeypatch.setenv("FAKE_ALPACA_EVAL_FAIL", "1")
+    with pytest.raises(InputError, match="alpaca_eval failed"):
+        run(run_config(tmp_path, tiny_model_dir, run_data, **settings))
+    stamp = answers.stat().st_mtime_ns
+    monkeypatch.delenv("FAKE_ALPACA_EVAL_FAIL")
+    run(run_config(tmp_path, tiny_model_dir, run_data, **settings))  # the judge is back
+    assert json.loads(scored.read_text())["runs"]["ntp-seed5"]["AlpacaEval 2 LC win rate (%)"] == 12.5
+    run(run_config(tmp_path, tiny_model_dir, run_data, **settings, alpaca_eval_annotator="alpaca_eval_gpt4_turbo_fn"))
+    options = dict(zip(*[iter(json.loads(call_log.read_text())["argv"][1:])] * 2))
+    assert options["--annotators_config"] == "alpaca_eval_gpt4_turbo_fn"
+    eval_metrics = tmp_path / "run" / "eval" / "ntp-seed5" / "metrics.json"
+    assert json.loads(eval_metrics.read_text())["alpaca_eval"]["annotator"] == "alpaca_eval_gpt4_turbo_fn"
+    assert generated == [1] and answers.stat().st_mtime_ns == stamp  # answered once, by the first run
+    run(run_config(tmp_path, tiny_model_dir, run_data, **{**settings, "alpaca_eval_scorer": "off"}))
+    assert "alpaca_eval" not in json.loads(eval_metrics.read_text())  # this run does not score: no stale score
+    assert "AlpacaEval 2 LC win rate (%)" not in json.loads(scored.read_text())["runs"]["ntp-seed5"]
+    assert generated == [1]
+
+
 def test_several_seeds_report_mean_and_spread(tiny_model_dir, run_data, tmp_path):
     directory = run(run_config(tmp_path, tiny_model_dir, run_data, seeds=[1, 2], num_generations=1))
     metrics = json.loads((directory / "metrics.json").read_text())

@@ -113,3 +113,45 @@ def test_select_command(records, tmp_path):
     failed = subprocess.run([*command[:-1], "subset.txt"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("sftmix select: error: --output subset.txt")
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"id": "e0", "confidence": -1.0}\n{"id": "e1", "confidence": "caf\xe9"}\n',
+     r"c\.jsonl:2: not valid UTF-8 \(byte 0xe9"),  # a traceback before: read as one UTF-8 text
+    (b'{"id": "e0", "confidence": true}\n', r"c\.jsonl:1: needs 'id' and a finite number 'confidence'"),
+    (b'{"id": "e0", "confidence": Infinity}\n', r"c\.jsonl:1: needs 'id' and a finite number 'confidence'"),
+    (b'{"id": "e0", "confidence": NaN}\n', r"c\.jsonl:1: needs 'id' and a finite number 'confidence'"),
+    (b'{"id": "e0", "confidence": 1}\n{"id": "e0", "confidence": 2}\n', r"c\.jsonl:2: duplicate id 'e0'"),
+])
+def test_confidence_file_is_read_as_every_input(records, tmp_path, line, message):
+    """A confidence file gets the checks of data.read_confidence: UTF-8 errors named by line, a byte-order mark
+    accepted, and only finite real numbers as scores (JSON's `true` is no 1.0, inf no score)."""
+    _, data, _ = records
+    confidence = tmp_path / "c.jsonl"
+    confidence.write_bytes(line)
+    with pytest.raises(InputError, match=message):
+        select(SelectConfig(output=str(tmp_path / "o.jsonl"), dataset_path=str(data),
+                            confidence_path=str(confidence), k=1))
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_confidence_file_with_a_byte_order_mark_is_read(records, tmp_path):
+    _, data, confidence = records
+    marked = tmp_path / "bom.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + confidence.read_bytes())
+    select(SelectConfig(output=str(tmp_path / "o.jsonl"), dataset_path=str(data), confidence_path=str(marked), k=2))
+    assert selected_ids(tmp_path / "o.jsonl") == ["e0", "e1"]
+
+
+def test_select_ids_follow_the_training_ids(tmp_path, tokenizer):
+    """Repeated ids and records with no reply: `select` names each record as build_dataset (and so the confidence
+    file) does."""
+    rows = [{"id": "x", "instruction": "a", "output": "b"}, {"id": "x", "instruction": "c", "output": ""},
+            {"id": "x", "instruction": "e", "output": "f"}, {"id": "x#2", "instruction": "g", "output": "h"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    dataset, _ = build_dataset(str(data), tokenizer)
+    summary = select(SelectConfig(output=str(tmp_path / "o.jsonl"), dataset_path=str(data), by="length", k=3))
+    assert dataset["id"] == ["x", "x#2", "x#2#2"]  # the record with no reply claims no id
+    assert summary["selected_ids"] == dataset["id"] and summary["unscored_ids"] == ["x"]
+    assert [row["output"] for row in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())] == [
+        "b", "f", "h"]  # the record with no reply, also called x, is not taken for the example x
