@@ -51,6 +51,27 @@ def test_debug_keeps_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr and "InputError" in result.stderr
 
 
+def test_debug_flag_keeps_the_traceback_of_an_input_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SFTMIX_DEBUG", raising=False)
+    from sftmix.errors import InputError
+
+    with pytest.raises(InputError, match=r"d\.jsonl: no such file"):
+        main(["eval", "--model", str(tmp_path / "missing"), "--dataset", "d.jsonl", "--debug"])
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only input problems are shortened to one line: anything else is a bug to report, with its traceback."""
+    from sftmix import cli
+
+    def broken(argv):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.delenv("SFTMIX_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "_eval", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        main(["eval", "--model", "m", "--dataset", "d.jsonl"])
+
+
 @pytest.mark.parametrize("case", [
     "missing_model", "missing_config", "empty_prompts", "missing_confidence_for_compare", "seeds_twice",
     "eval_nothing", "bad_trainer_value",

@@ -27,7 +27,8 @@ def test_nan_checkpoint_is_refused_naming_checkpoint_and_ids(tiny_model_dir, tin
         dynamics(config)
     assert not (tmp_path / "dyn" / "confidence.jsonl").exists()
     assert len(list((tmp_path / "dyn" / "scores").glob("*.json"))) == 1  # the good checkpoint's scores are kept
-    assert "NaN" not in "".join(path.read_text() for path in (tmp_path / "dyn").rglob("*.json"))
+    written = "".join(path.read_text() for path in (tmp_path / "dyn").rglob("*.json"))
+    assert "NaN" not in written and "Infinity" not in written
 
 
 def test_diverged_checkpoint_overflowing_perplexity_is_refused(tiny_model_dir, tiny_data, tmp_path):
@@ -141,17 +142,38 @@ def test_reference_folder_sftmix_did_not_record_is_not_deleted(tiny_model_dir, t
     ({"truncation": "right"}, r"reference.truncation: \"turns\" -> \"right\""),  # same messages, other tokens
     ({"dtype": "bfloat16"}, r"reference.dtype: \"float32\" -> \"bfloat16\""),  # model loading (TRL's ModelConfig)
     ({"neftune_noise_alpha": 5.0}, r"reference.neftune_noise_alpha: null -> 5.0"),  # any training setting
+    ({"num_checkpoints": 2}, r"reference.num_checkpoints: 1 -> 2"),
+    ({"max_steps": 2}, r"reference.max_steps: -1 -> 2"),
 ])
 def test_every_setting_of_the_reference_run_keys_its_split(tiny_model_dir, tiny_data, tmp_path, change, named):
     config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=1)
     dynamics(config)
     with pytest.raises(InputError, match=r"dyn holds a finished confidence split made with other settings \(.*"
                                          + named):
-        dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=1,
-                                 **change))
+        dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], **{"num_train_epochs": 1,
+                                                                             "num_checkpoints": 1, **change}))
     # bookkeeping (logging, saving, reporting) is no setting of the result: the finished split is accepted
     dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=1,
                              logging_steps=3, save_steps=7, report_to=[], scoring_batch_tokens=300))
+
+
+def test_finished_split_of_another_base_model_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    """The same folder name, other weights (a model retrained in place): not the split's reference model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = dynamics_config(tmp_path, model, tiny_data[0], num_train_epochs=1, num_checkpoints=1)
+    dynamics(config)
+    before = (tmp_path / "dyn" / "dynamics.json").read_text()
+    weights = load_file(model / "model.safetensors")
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"other settings \(reference.model.model.safetensors: "):
+        dynamics(config)
+    assert (tmp_path / "dyn" / "dynamics.json").read_text() == before  # nothing names the new model
 
 
 def test_truncation_keys_each_checkpoints_scores(tiny_model_dir, tiny_data, tmp_path, caplog):
