@@ -1,4 +1,4 @@
-"""The `sftmix` command as a user runs it: subprocesses, YAML config, accelerate launch."""
+"""The `sftmix` command as a user runs it: subprocesses, YAML config (accelerate launches: test_distributed.py)."""
 
 import json
 import os

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make_tokenizer, write_jsonl
 from trl import TrlParser
 
@@ -44,6 +45,10 @@ def test_paper_recipe(name, cluster_inputs):
     command = re.fullmatch(r"# accelerate launch --config_file configs/accelerate/(\w+)\.yaml --num_processes 8 "
                            r"-m sftmix\.cli run --config (\S+)", header)
     assert command and command.group(1) in ACCELERATE_CONFIGS and command.group(2) == f"configs/paper/{name}.yaml"
+    # Nothing is launched here (tests/test_distributed.py launches and counts processes); the header's launch
+    # must start 8 processes: a multi-process engine on GPUs, never `use_cpu` (accelerate then starts ONE).
+    launch_config = yaml.safe_load((CONFIGS / "accelerate" / f"{command.group(1)}.yaml").read_text())
+    assert launch_config["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and not launch_config["use_cpu"]
     with pytest.raises(InputError, match=r"--eval_datasets data/alpaca_eval/gpt4_1106_preview.json: no such file"):
         parse(path, "--bf16", "false")  # the AlpacaEval file is the user's to supply: refused at start-up without it
     config = parse(path, "--bf16", "false", *cluster_inputs)  # bf16 needs a GPU; everything else as on the cluster

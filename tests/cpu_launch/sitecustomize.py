@@ -7,9 +7,17 @@ model is then sharded by `fully_shard`, which launch.json's engine check confirm
 
 SFTMIX_TEST_FAIL_SCORING=<rank>:<call>: that rank raises in its <call>-th scoring pass, as
 a crash (out of memory, a dead node) would.
+
+SFTMIX_TEST_RANKS_DIR=<dir>: every launched process writes rank-<RANK>-of-<WORLD_SIZE> there, so a
+test can assert how many processes really ran (accelerate silently starts ONE where it cannot
+start several).
 """
 
 import os
+from pathlib import Path
+
+if os.environ.get("SFTMIX_TEST_RANKS_DIR") and os.environ.get("RANK") is not None:
+    Path(os.environ["SFTMIX_TEST_RANKS_DIR"], f"rank-{os.environ['RANK']}-of-{os.environ.get('WORLD_SIZE')}").touch()
 
 if os.environ.get("SFTMIX_TEST_FSDP2_ON_CPU") == "1":
     from accelerate.state import PartialState
