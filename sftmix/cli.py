@@ -131,9 +131,7 @@ def _compare_splits(argv: list[str]) -> int:
     parser.add_argument("first")
     parser.add_argument("second")
     args = parser.parse_args(argv)
-    first, second = ([{"id": key, "group": group} for key, group in read_confidence(path).items()]
-                     for path in (args.first, args.second))
-    agreement = split_agreement(first, second)
+    agreement = split_agreement(read_confidence(args.first), read_confidence(args.second))
     print(f"split agreement: {agreement:.4f} of shared examples in the same group")
     return 0
 

@@ -488,10 +488,9 @@ def plot_data_map(rows: list[dict[str, Any]], path: Path, title: str = "") -> No
     save_figure(figure, path)
 
 
-def split_agreement(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]]) -> float:
-    """Fraction of shared ids that fall in the same group in both splits."""
-    groups_a = {row["id"]: row["group"] for row in rows_a}
-    shared = [row for row in rows_b if row["id"] in groups_a]
+def split_agreement(groups_a: dict[str, str], groups_b: dict[str, str]) -> float:
+    """Fraction of shared ids that fall in the same group in both splits (id -> group, as read_confidence)."""
+    shared = [example_id for example_id in groups_b if example_id in groups_a]
     if not shared:
         raise InputError("the two confidence files share no id")
-    return sum(groups_a[row["id"]] == row["group"] for row in shared) / len(shared)
+    return sum(groups_a[example_id] == groups_b[example_id] for example_id in shared) / len(shared)

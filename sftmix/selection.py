@@ -53,7 +53,7 @@ def record_scores(records, by: str,
         ids.append(identifier)
         if identifier is None:
             no_reply.append(example_id(record, messages))
-        else:
+        elif by == "length":  # the other scores come from the confidence file
             lengths[identifier] = float(response_length(messages))
     if by == "length":
         return ids, lengths, no_reply
