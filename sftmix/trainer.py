@@ -356,9 +356,16 @@ class SFTMixTrainer(SFTTrainer):
         """Log the values being optimised (the step's NTP and Mixup terms, summed over ranks) and what
         SFTTrainer logs: token accuracy and entropy over the supervised tokens, input tokens seen, MoE aux loss."""
         mode = "train" if training else "eval"
-        local = [float(outputs.ntp_sum), outputs.ntp_count, float(outputs.mixup_sum), outputs.mixup_count,
-                 float(outputs.entropy_sum), float(outputs.num_correct), tokens,
-                 float(outputs.aux_loss.detach()) if outputs.aux_loss is not None else 0.0]
+        measured = [outputs.ntp_sum, outputs.mixup_sum, outputs.entropy_sum, outputs.num_correct]
+        if outputs.aux_loss is not None:
+            measured.append(outputs.aux_loss)
+        device = outputs.ntp_sum.device
+        dtype = torch.float64 if any(value.dtype == torch.float64 for value in measured) else torch.float32  # exact
+        # One device-to-host copy for every logged tensor (a GPU sync each if read one by one).
+        ntp_sum, mixup_sum, entropy_sum, correct, *aux = torch.stack(
+            [value.detach().to(device, dtype).reshape(()) for value in measured]).tolist()
+        local = [ntp_sum, outputs.ntp_count, mixup_sum, outputs.mixup_count, entropy_sum, correct, tokens,
+                 aux[0] if aux else 0.0]
         totals = distributed.sum_over_ranks(local, self.accelerator.device)
         ntp_sum, ntp_count, mixup_sum, mixup_count, entropy_sum, correct, tokens, aux_sum = totals
         check_finite_loss(self.state.global_step + (1 if training else 0), ntp_sum, mixup_sum, self.args, training)
