@@ -200,6 +200,16 @@ def training_init_kwargs(config) -> dict[str, Any]:
 
 
 VARLEN_ATTENTION = "sftmix_varlen_sdpa"
+_last_bounds: tuple = (None, [])  # (cu_seq_lens tensor, its values as a list), see `_sequence_edges`
+
+
+def _sequence_edges(bounds) -> list[int]:
+    """`bounds` as a list, read from the device once per forward: every layer gets the same tensor, and each
+    read would wait for the GPU (holding the tensor keeps its identity from being reused)."""
+    global _last_bounds
+    if _last_bounds[0] is not bounds:
+        _last_bounds = (bounds, bounds.tolist())
+    return _last_bounds[1]
 
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -217,7 +227,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     bounds = kwargs.pop("cu_seq_lens_q", None)
     if bounds is None or query.size(0) != 1 or query.size(2) != key.size(2):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    edges = bounds.tolist()
+    edges = _sequence_edges(bounds)
     pieces = [
         sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None,
                                dropout, scaling, is_causal=True)[0]
