@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from .distributed import FailedOnMain, is_main, print_on_main
+from .distributed import FailedOnMain, is_main, leave, print_on_main
 
 COMMANDS = {
     "train": "train a model with SFTMix or plain NTP",
@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
                 "select": _select}
     from .errors import InputError
 
+    succeeded = False
     try:
-        return handlers[command](rest)
+        status = handlers[command](rest)
+        succeeded = True
+        return status
     except InputError as err:
         # The user can fix this: one message, no traceback (--debug or SFTMIX_DEBUG=1 shows it).
         if debug:
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return 1
+    finally:
+        leave(succeeded)
 
 
 def _parse(config_class, prog: str, argv: list[str]):

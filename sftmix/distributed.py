@@ -16,6 +16,7 @@ exit non-zero together (the launcher ends the others when one rank dies elsewher
     full_state_dict()  the whole model's weights on rank 0, whatever shards them (FSDP2, ZeRO-3)
     unpartitioned_loading()   load a whole model on this rank even inside a ZeRO-3 job
     configure_launch(config) / check_launch(config)   make a launch work as asked, or refuse it
+    leave(succeeded)   end this rank's part in the job before Python shuts down
 
 One process (no launcher) is the trivial case: nothing is initialised, nothing waits.
 """
@@ -96,6 +97,24 @@ def broadcast(obj: Any) -> Any:
     holder = [obj if is_main() else None]
     _process_group().broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def leave(succeeded: bool) -> None:
+    """Destroy the process group while the interpreter is still whole; a no-op in one process.
+
+    Left to Python's shutdown, gloo's worker threads can still hold finished work (and its
+    tensors) while the interpreter is being torn down, and freeing them then aborts the
+    process (SIGABRT) after a run that succeeded, failing the whole launch. After success every
+    rank first waits for the others, so no rank closes its connections while another still
+    uses them; after a failure it does not wait (the launcher ends the ranks still running).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 class FailedOnMain(RuntimeError):

@@ -10,14 +10,27 @@ a crash (out of memory, a dead node) would.
 
 SFTMIX_TEST_RANKS_DIR=<dir>: every launched process writes rank-<RANK>-of-<WORLD_SIZE> there, so a
 test can assert how many processes really ran (accelerate silently starts ONE where it cannot
-start several).
+start several); at exit it writes exit-<RANK>-in-group if its process group was still alive then
+(left to Python's shutdown, gloo can abort a rank after a successful run).
 """
 
+import atexit
 import os
 from pathlib import Path
 
 if os.environ.get("SFTMIX_TEST_RANKS_DIR") and os.environ.get("RANK") is not None:
-    Path(os.environ["SFTMIX_TEST_RANKS_DIR"], f"rank-{os.environ['RANK']}-of-{os.environ.get('WORLD_SIZE')}").touch()
+    ranks_dir, rank = Path(os.environ["SFTMIX_TEST_RANKS_DIR"]), os.environ["RANK"]
+    (ranks_dir / f"rank-{rank}-of-{os.environ.get('WORLD_SIZE')}").touch()
+
+    def _record_process_group_at_exit() -> None:
+        import sys
+
+        distributed = sys.modules.get("torch.distributed")  # never imported: never in a group
+        if distributed is not None and distributed.is_available() and distributed.is_initialized():
+            (ranks_dir / f"exit-{rank}-in-group").touch()
+
+    # Registered first, so it runs last of the atexit handlers, after any of torch's or accelerate's own.
+    atexit.register(_record_process_group_at_exit)
 
 if os.environ.get("SFTMIX_TEST_FSDP2_ON_CPU") == "1":
     from accelerate.state import PartialState
