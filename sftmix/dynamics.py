@@ -139,11 +139,6 @@ class SaveOnlineNLL(TrainerCallback):
         distributed.on_main(write_atomic, directory / self.FILE, json.dumps(records))
 
     @classmethod
-    def newest_complete(cls, output_dir: str) -> str | None:
-        """The newest complete checkpoint-N directory that also holds its online NLL records."""
-        return newest_complete_checkpoint(output_dir, also_needs=(cls.FILE,))
-
-    @classmethod
     def load(cls, checkpoint: str | None) -> dict[str, list]:
         path = Path(checkpoint or "") / cls.FILE
         return json.loads(path.read_text()) if checkpoint and path.exists() else {}

@@ -10,6 +10,7 @@ run is refused at start-up, and a checkpoint is resumed from only when it is com
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -197,6 +198,28 @@ def check_writable(directory: str | Path) -> None:
     except OSError as err:
         raise InputError(f"{directory}: cannot write to the output directory ({err.strerror or err}); choose "
                          "another --output_dir or fix its permissions") from err
+
+
+# Below this much free space a failed write is taken to be the full disk: torch.save reports a full
+# disk only as "unexpected pos N vs M" (its errno is lost), so the error alone cannot tell.
+FULL_DISK_BYTES = 64 * 2**20
+_OUT_OF_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def out_of_space(error: BaseException, directory: str | Path) -> str | None:
+    """Why `error` is a full disk under `directory` (a short reason), or None when it is something else."""
+    seen = error
+    while seen is not None:  # the error, its cause, their context: whichever layer kept the errno
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen.strerror or str(seen)
+        if any(text in str(seen) for text in _OUT_OF_SPACE_TEXT):
+            return str(seen).splitlines()[0][:200]
+        seen = seen.__cause__ or seen.__context__
+    existing = Path(directory).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    return f"{free / 2**20:.1f} MiB left on its disk" if free < FULL_DISK_BYTES else None
 
 
 class OutputLock:

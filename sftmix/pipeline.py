@@ -55,6 +55,7 @@ from .files import (
     key_changes,
     model_identity,
     newest_complete_checkpoint,
+    out_of_space,
     strip_training_state,
     write_atomic,
     write_jsonl,
@@ -191,17 +192,24 @@ def training_key(config: SFTMixConfig, prepared: Prepared) -> dict:
             **result_settings(config)}
 
 
-def resume_checkpoint(config: SFTMixConfig, key: dict | None = None) -> str | None:
-    """The checkpoint to resume from: the one asked for, else the newest complete one in output_dir.
+def resume_checkpoint(config: SFTMixConfig, key: dict | None = None, also_needs: tuple[str, ...] = ()) -> str | None:
+    """The checkpoint to resume from: the one asked for, else the newest complete one in output_dir
+    (that also holds the `also_needs` files).
 
     With `key` (`training_key`), checkpoints found in output_dir are resumed only when the key
     recorded beside them is this one (bookkeeping settings may change); else the command is refused,
     naming what changed. The key is then recorded for the next resume. An explicit
-    --resume_from_checkpoint is the user's choice and is not checked.
+    --resume_from_checkpoint is the user's choice: the key is not checked, the `also_needs` files are.
     """
     checkpoint = config.resume_from_checkpoint
-    if checkpoint is None:
-        checkpoint = newest_complete_checkpoint(config.output_dir)
+    if checkpoint is not None:
+        missing = [name for name in also_needs if not (Path(checkpoint) / name).exists()]
+        if missing:
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: it holds no {', '.join(missing)}, which this "
+                             "run needs to resume; leave the option out to resume from the newest checkpoint that "
+                             "has it")
+    else:
+        checkpoint = newest_complete_checkpoint(config.output_dir, also_needs)
         if checkpoint and key is not None:
             check_same_training(Path(config.output_dir), key)
         if checkpoint:
@@ -236,6 +244,14 @@ def claims_output_dir(recipe):
         distributed.on_main(lock.acquire)
         try:
             return recipe(config, *args, **kwargs)
+        except Exception as err:
+            reason = None if isinstance(err, InputError) else out_of_space(err, config.output_dir)
+            if reason is None:
+                raise
+            # Every write is atomic and incomplete checkpoints are never resumed, so a rerun loses nothing.
+            raise InputError(f"{config.output_dir}: the disk is full ({reason}); free space and rerun the same "
+                             "command: it resumes from the last complete checkpoint and keeps finished "
+                             "results") from err
         finally:
             lock.release()
 
@@ -448,14 +464,11 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
         return finished["checkpoints"], finished.get("online_nll")
     spacing = dyn.SaveEvenlySpaced(config.num_checkpoints)
     trainer = build_trainer(reference, prepared, callbacks=[spacing, *(callbacks or [])], record_nll=config.online)
-    checkpoint = distributed.on_main(resume_checkpoint, reference)
-    resumable_needs: tuple[str, ...] = ()
+    # Online: a kill between a checkpoint and its NLL records; resume from the newest checkpoint that has them.
+    resumable_needs = (dyn.SaveOnlineNLL.FILE,) if config.online else ()
+    checkpoint = distributed.on_main(resume_checkpoint, reference, also_needs=resumable_needs)
     if config.online:
         trainer.add_callback(dyn.SaveOnlineNLL(trainer))
-        resumable_needs = (dyn.SaveOnlineNLL.FILE,)
-        # A kill between a checkpoint and its NLL records: resume from the newest checkpoint that has them.
-        if checkpoint:
-            checkpoint = distributed.on_main(dyn.SaveOnlineNLL.newest_complete, reference.output_dir)
         trainer.online_nll.update(distributed.on_main(dyn.SaveOnlineNLL.load, checkpoint))
     trainer.add_callback(dyn.KeepWeightsOnly(resumable_needs))  # last: after the checkpoint is whole
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from sftmix import dynamics as dyn
 from sftmix.config import DynamicsConfig
 from sftmix.data import build_dataset
+from sftmix.errors import InputError
 from sftmix.pipeline import dynamics, train
 
 
@@ -165,7 +166,9 @@ def test_online_dynamics_records_every_example_each_epoch(tiny_model_dir, tiny_d
     assert sum(row["group"] == "confident" for row in rows) == 8
 
 
-def test_online_dynamics_resume_after_kill(tiny_model_dir, tiny_data, tmp_path):
+def test_online_dynamics_resume_after_kill(tiny_model_dir, tiny_data, tmp_path, caplog):
+    import copy
+
     from test_trainer import CrashAfter
 
     straight = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="straight", online=True))
@@ -175,7 +178,14 @@ def test_online_dynamics_resume_after_kill(tiny_model_dir, tiny_data, tmp_path):
     reference = tmp_path / "killed" / "reference"
     assert (reference / "checkpoint-4").exists() and not (reference / "checkpoint-4" / "online_nll.json").exists()
     assert (reference / "checkpoint-2" / "online_nll.json").exists()
-    dynamics(config)  # resumes from checkpoint-2
+    explicit = copy.deepcopy(config)
+    explicit.resume_from_checkpoint = str(reference / "checkpoint-4")
+    with pytest.raises(InputError, match=r"checkpoint-4: it holds no online_nll\.json"):
+        dynamics(explicit)
+    caplog.clear()
+    dynamics(config)  # resumes from checkpoint-2, and says so
+    resumes = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Resuming from")]
+    assert resumes == [f"Resuming from {reference / 'checkpoint-2'}"], resumes
     assert (tmp_path / "killed" / "confidence.jsonl").read_text() == (straight / "confidence.jsonl").read_text()
     with pytest.raises(ValueError, match="cannot use --checkpoints"):
         dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], online=True, checkpoints=[str(tiny_model_dir)])

@@ -44,6 +44,28 @@ def test_non_utf8_dataset_names_file_and_line(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KiB tmpfs: room to start a training, not to write its first checkpoint (needs the right to mount)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount_point)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("needs root with the right to mount a tmpfs")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_is_one_clear_line(small_disk, tiny_model_dir, tiny_data, tmp_path):
+    """Real CLI, real full disk: torch.save and safetensors fail in their own words; the user reads one line."""
+    result = sftmix(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tiny_data[0]),
+                     "--loss_type", "ntp", "--use_cpu", "true", "--max_steps", "4", "--save_strategy", "steps",
+                     "--save_steps", "2", "--max_length", "64", "--output_dir", str(small_disk / "out")], cwd=tmp_path)
+    assert_one_clear_line(result.returncode, result.stderr, "small-disk/out: the disk is full",
+                          "free space and rerun the same command")
+    assert "Model saved" not in result.stdout
+
+
 def test_debug_keeps_the_traceback(tmp_path):
     """Real CLI: SFTMIX_DEBUG=1 re-raises, so the traceback is there."""
     result = sftmix(["eval", "--model", str(tmp_path / "missing"), "--dataset", "d.jsonl"], cwd=tmp_path,

@@ -3,6 +3,7 @@ diverging runs, missing models, and the numbers a resumed run reports."""
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from conftest import model_variant, write_groups, write_jsonl
@@ -187,6 +188,39 @@ def test_kill_between_last_checkpoint_and_final_save_adds_no_step(straight_run, 
     assert final_step(output_dir) == 6
     assert_same_weights(weights(output_dir), straight_run[1])
     assert final_log(output_dir)["train_loss"] == pytest.approx(straight_run[2]["train_loss"], rel=1e-5)
+
+
+def test_full_disk_while_a_checkpoint_is_written_is_one_clear_error_and_resumes(straight_run, tiny_model_dir,
+                                                                                tiny_data, tmp_path, monkeypatch):
+    """The disk fills while checkpoint-4's optimizer state is written; torch.save then says only "unexpected pos":
+    one message naming the directory and the disk, and the same command, rerun, finishes as an uninterrupted run."""
+    import shutil
+
+    import torch
+
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def save_until_full(obj, path, *args, **kwargs):
+        if str(path).endswith("checkpoint-4/optimizer.pt"):
+            Path(path).write_bytes(b"PK\x03\x04 cut short")  # what torch leaves behind
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, path, *args, **kwargs)
+
+    def full_disk(path):
+        return shutil._ntuple_diskusage(2**30, 2**30 - 2**19, 2**19)  # 0.5 MiB free
+
+    config = resumable(tmp_path, tiny_model_dir, tiny_data, "full")
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "save", save_until_full)
+        patched.setattr(shutil, "disk_usage", full_disk)
+        with pytest.raises(InputError, match=r"full: the disk is full \(0\.5 MiB left on its disk\); free space "
+                                             r"and rerun the same command"):
+            train(config)
+    assert shutil.disk_usage is real_usage
+    assert not (tmp_path / "full" / "model.safetensors").exists()
+    output_dir = train(config)  # space freed: resumes from checkpoint-2, the newest complete one
+    assert final_step(output_dir) == 6
+    assert_same_weights(weights(output_dir), straight_run[1])
 
 
 # --------------------------------------------------------------------------- 17. checkpoints of another training
