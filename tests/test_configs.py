@@ -45,8 +45,8 @@ def test_paper_recipe(name, cluster_inputs):
     command = re.fullmatch(r"# accelerate launch --config_file configs/accelerate/(\w+)\.yaml --num_processes 8 "
                            r"-m sftmix\.cli run --config (\S+)", header)
     assert command and command.group(1) in ACCELERATE_CONFIGS and command.group(2) == f"configs/paper/{name}.yaml"
-    # Nothing is launched here (tests/test_distributed.py launches and counts processes); the header's launch
-    # must start 8 processes: a multi-process engine on GPUs, never `use_cpu` (accelerate then starts ONE).
+    # The header's launch must start 8 processes: a multi-process engine on GPUs, never `use_cpu` (accelerate
+    # then starts ONE); test_paper_recipe_launch_starts_eight_processes runs it and counts them.
     launch_config = yaml.safe_load((CONFIGS / "accelerate" / f"{command.group(1)}.yaml").read_text())
     assert launch_config["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and not launch_config["use_cpu"]
     with pytest.raises(InputError, match=r"--eval_datasets data/alpaca_eval/gpt4_1106_preview.json: no such file"):
@@ -64,6 +64,21 @@ def test_paper_recipe(name, cluster_inputs):
     expected = {"llama-3.1-8b-alpaca": ["4.36", "4.58", "8.65", "10.32", "8.29", "7.30"],
                 "mistral-7b-alpaca": ["4.62", "4.91", "9.18", "9.50"]}[name]
     assert all(number in text.split("\n\n")[0] for number in expected)  # the paper's numbers in the header
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b-alpaca", "mistral-7b-alpaca"])
+def test_paper_recipe_launch_starts_eight_processes(name, tmp_path):
+    """The header's `accelerate launch`, run here: 8 processes start, each in a world of 8 (`launch` counts them),
+    and every rank stops at start-up at the same clear error (no AlpacaEval file beside it; bf16 off: no GPU)."""
+    from test_distributed import launch
+
+    path = CONFIGS / "paper" / f"{name}.yaml"
+    engine = re.search(r"configs/accelerate/(\w+)\.yaml --num_processes (\d+) ", path.read_text().splitlines()[0])
+    assert engine.group(2) == "8"
+    result = launch(engine.group(1), ["run", "--config", str(path), "--bf16", "false"], tmp_path, check=False,
+                    processes=8)
+    assert result.returncode != 0
+    assert "--eval_datasets data/alpaca_eval/gpt4_1106_preview.json: no such file" in result.stderr
 
 
 def test_paper_prompt_template_supervises_the_response_and_its_end():

@@ -37,23 +37,24 @@ ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
 CPU_LAUNCH = Path(__file__).resolve().parent / "cpu_launch"
 
 
-def launch(config: str, command: list[str], cwd: Path, *launch_flags: str, env: dict | None = None, check=True):
-    """`accelerate launch --config_file configs/accelerate/<config>.yaml --num_processes 2 -m sftmix.cli ...`;
-    asserts that two processes started (ranks 0 and 1 of a world of 2), whatever the command's outcome, and
-    after a success that both had destroyed their process group before exiting."""
+def launch(config: str, command: list[str], cwd: Path, *launch_flags: str, env: dict | None = None, check=True,
+           processes: int = 2):
+    """`accelerate launch --config_file configs/accelerate/<config>.yaml --num_processes N -m sftmix.cli ...`;
+    asserts that `processes` processes started (ranks 0 to N-1 of a world of N), whatever the command's outcome,
+    and after a success that each had destroyed its process group before exiting."""
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     ranks = Path(tempfile.mkdtemp(prefix="sftmix-ranks-"))  # outside cwd: tests list what the command wrote
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu",
                    "PYTHONPATH": str(CPU_LAUNCH), "SFTMIX_TEST_FSDP2_ON_CPU": "1" if config == "fsdp2" else "0",
                    "SFTMIX_TEST_RANKS_DIR": str(ranks), **(env or {})}
-    args = [accelerate, "launch", "--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-            "--mixed_precision", "no", "--main_process_port", str(free_port()), *launch_flags, "-m", "sftmix.cli",
-            *command]
+    args = [accelerate, "launch", "--config_file", str(ACCELERATE_CONFIGS / f"{config}.yaml"),
+            "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
+            *launch_flags, "-m", "sftmix.cli", *command]
     result = subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
     records = sorted(path.name for path in ranks.iterdir())
     shutil.rmtree(ranks)
-    assert [name for name in records if name.startswith("rank-")] == ["rank-0-of-2", "rank-1-of-2"], \
-        result.stderr[-3000:]
+    started = [name for name in records if name.startswith("rank-")]
+    assert started == sorted(f"rank-{rank}-of-{processes}" for rank in range(processes)), result.stderr[-3000:]
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
