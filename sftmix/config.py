@@ -236,7 +236,11 @@ class SFTMixConfig(SFTConfig):
     learning_rate: float = field(default=2e-6, metadata={"help": "Paper: 2e-6."})
     weight_decay: float = field(default=0.1, metadata={"help": "Paper: 0.1."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Paper: 0.1."})
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={"help": "Linear warm-up: a value below 1 is a share of the total steps (transformers 5's and "
+                  "`trl sft`'s meaning), 1 or more a number of steps. Paper: 0.1 (the first 10% of steps)."},
+    )
     # bf16 only where it is supported (TRL defaults to True, which fails on CPU).
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision. Default: on a CUDA GPU "
                               "that supports it, off elsewhere."})
@@ -251,7 +255,7 @@ class SFTMixConfig(SFTConfig):
         check_ranges(self, {
             "mixup_alpha": "positive", "mixup_weight": "non_negative", "max_length": "positive?",
             "max_examples": "positive?", "lora_r": "positive", "lora_alpha": "positive",
-            "learning_rate": "non_negative", "weight_decay": "non_negative", "warmup_ratio": "unit",
+            "learning_rate": "non_negative", "weight_decay": "non_negative", "warmup_steps": "non_negative",
             "max_grad_norm": "non_negative", "per_device_train_batch_size": "positive",
             "gradient_accumulation_steps": "positive", "logging_steps": "positive", "save_steps": "positive",
             "lora_dropout": "probability", "test_split_size": "positive?",

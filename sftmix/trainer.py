@@ -663,5 +663,5 @@ def write_model_card(output_dir: Path, args: SFTMixConfig) -> None:
         dataset=args.dataset_path or "ShareGPT V3 (embedded default)", loss_type=args.loss_type,
         ntp_weight=ntp_weight, mixup_weight=mixup_weight, alpha=args.mixup_alpha, lambda_per=args.mixup_lambda_per,
         confidence=args.confidence_path, lr=args.learning_rate, scheduler=args.lr_scheduler_type,
-        warmup=args.warmup_ratio, epochs=args.num_train_epochs, max_steps=args.max_steps,
+        warmup=args.warmup_steps, epochs=args.num_train_epochs, max_steps=args.max_steps,
     ))
