@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .distributed import FailedOnMain, is_main, leave, print_on_main
 
@@ -65,14 +66,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(config_class, prog: str, argv: list[str]):
-    """The command's config from flags and --config YAML; an unreadable or invalid config is an InputError."""
+    """The command's config from flags and --config YAML, its settings checked (`settings`) before any model or data
+    is loaded; an unreadable or invalid config is an InputError."""
     import yaml
     from trl import TrlParser
 
+    from . import settings
     from .errors import InputError
 
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name in settings.RENAMED:
+            raise InputError(f"--{name} is not an option any more: use --{settings.RENAMED[name]}")
+    if "--config" in argv[:-1]:
+        _check_yaml(argv[argv.index("--config") + 1], config_class)
+    parser = TrlParser((config_class,), prog=prog)
+    settings.arrange_help(parser, settings.declared_by_sftmix(config_class))
     try:
-        (config,) = TrlParser((config_class,), prog=prog).parse_args_and_config(argv)
+        (config,) = parser.parse_args_and_config(argv)
     except InputError:
         raise
     except ValueError as err:
@@ -83,7 +94,91 @@ def _parse(config_class, prog: str, argv: list[str]):
         raise InputError(f"invalid configuration: {err}") from err  # a value Trainer or TRL refuses
     except (OSError, TypeError, yaml.YAMLError) as err:  # a missing or unreadable YAML
         raise InputError(f"invalid configuration: {type(err).__name__}: {err}") from err
+    settings.check_environment(config)
     return config
+
+
+def _unique_key_loader():
+    """A YAML SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    from .errors import InputError
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in lines:
+                    raise InputError(f"`{key}` is given twice (lines {lines[key] + 1} and "
+                                     f"{key_node.start_mark.line + 1}); keep one")
+                lines[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _check_yaml(path: str, config_class) -> None:
+    """Refuse, naming the file and key, what TrlParser would take silently: a key given twice, a renamed key, and a
+    value of the wrong type (TrlParser makes YAML values argparse defaults, which argparse never converts unless
+    they are strings: `max_steps: 1.5` failed deep in training)."""
+    import typing
+
+    import yaml
+
+    from . import settings
+    from .errors import InputError
+
+    try:
+        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--config {path}: cannot read it ({type(err).__name__}: {err})") from err
+    except yaml.YAMLError as err:
+        raise InputError(f"--config {path}: invalid YAML: {' '.join(str(err).split())}") from err
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from err
+    if not isinstance(values, dict):
+        raise InputError(f"--config {path}: expected a mapping of option: value, got {type(values).__name__}")
+    hints = typing.get_type_hints(config_class)
+    for key, value in values.items():
+        if key in settings.RENAMED:
+            raise InputError(f"{path}: `{key}` is not an option any more: use {settings.RENAMED[key]}")
+        expected = _type_error(hints.get(key), value) if key in hints else None
+        if expected:
+            raise InputError(f"{path}: `{key}: {value!r}` must be {expected}")
+
+
+def _type_error(hint, value) -> str | None:
+    """What `value` (from YAML) should have been for a field typed `hint`, or None when it fits or cannot be told
+    (strings are left to argparse, which converts and checks them)."""
+    import types
+    import typing
+
+    if value is None or isinstance(value, str):
+        return None
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if any(option in (str, dict) or typing.get_origin(option) is dict for option in options):
+        return None
+    lists = [option for option in options if typing.get_origin(option) is list]
+    if isinstance(value, list):
+        if not lists:
+            return None if any(option not in (int, float, bool) for option in options) else _describe(options)
+        item = typing.get_args(lists[0])[0] if typing.get_args(lists[0]) else None
+        errors = [_type_error(item, element) for element in value]
+        return f"a list of which each item is {_describe((item,))}" if any(errors) else None
+    if bool in options:
+        return None if isinstance(value, bool) else _describe(options)
+    if int in options and float not in options:
+        return None if isinstance(value, int) and not isinstance(value, bool) else _describe(options)
+    if float in options:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else _describe(options)
+    return None
+
+
+def _describe(options) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number"}
+    return " or ".join(names.get(option, getattr(option, "__name__", str(option))) for option in options
+                       if option is not type(None))
 
 
 def _train(argv: list[str]) -> int:
@@ -110,8 +205,6 @@ def _run(argv: list[str]) -> int:
     from .pipeline import run
 
     if not argv:  # the quick start: the shipped config, sized for a 2-core CPU
-        from pathlib import Path
-
         argv = ["--config", str(Path(__file__).with_name("quickstart.yaml"))]
     run_dir = run(_parse(RunConfig, "sftmix run", argv))
     print_on_main(f"Report: {run_dir / 'report.md'}  (numbers: {run_dir / 'metrics.json'})")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from trl import SFTConfig
 
-from . import distributed
+from . import distributed, settings
 from .errors import InputError
 
 # Numeric options are checked when the config is made (at start-up, before any data or model is loaded).
@@ -221,6 +221,7 @@ class SFTMixConfig(SFTConfig):
                                                                      "example's id for the confidence split)."})
     streaming: bool = field(default=False, metadata={"help": "trl sft (mixtures): not supported, as "
                                                              "dataset_streaming."})
+    assistant_only_loss: bool = field(default=True, metadata={"help": settings.HELP["assistant_only_loss"]})
     ignore_bias_buffers: bool = field(default=False, metadata={"help": "trl sft: accepted; no effect (TRL's sft "
                                                                        "script does not use it either)."})
     model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
@@ -246,6 +247,8 @@ class SFTMixConfig(SFTConfig):
                               "that supports it, off elsewhere."})
     output_dir: str | None = field(default="out", metadata={"help": "Where checkpoints and the model go."})
 
+    saves_one_model = True  # not a field: False for the commands that train several (no --push_to_hub)
+
     def __post_init__(self):
         if self.loss_type not in (*LOSS_TYPES, "nll"):
             raise InputError(f"loss_type must be one of {LOSS_TYPES} (or TRL's 'nll', which is 'ntp'), got "
@@ -269,12 +272,7 @@ class SFTMixConfig(SFTConfig):
             check_ranges(self, {"num_train_epochs": "positive"})
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self._apply_trl_names()
-        if self.packing:
-            raise InputError(
-                "--packing is not supported: it bins examples into rows regardless of the balanced "
-                "confident/unconfident batches that SFTMix pairs (and drops the example ids). --padding_free true "
-                "gives the same saving (no padding tokens, no attention across examples) and keeps the pairs"
-            )
+        settings.refuse(self)
         import torch
 
         if self.bf16 is None:
@@ -306,11 +304,6 @@ class SFTMixConfig(SFTConfig):
         if self.datasets and self.dataset_path is not None:
             raise InputError("give either a dataset (--dataset_path / --dataset_name) or a mixture (datasets:), "
                              "not both")
-        if self.dataset_streaming or self.streaming:
-            raise InputError("streaming datasets are not supported: sftmix keys every example by id for the "
-                             "confidence split, so it reads the whole dataset")
-        if self.lora_task_type != "CAUSAL_LM":
-            raise InputError(f"lora_task_type {self.lora_task_type!r}: sftmix trains causal LMs (CAUSAL_LM)")
         if self.loss_type == "nll":  # TRL's name for plain next-token prediction
             self.loss_type = "ntp"
 
@@ -448,6 +441,8 @@ def _official_scorer_wanted(config: _EvalFields, has_prompts: bool) -> bool:
 class DynamicsConfig(_DynamicsFields, SFTMixConfig):
     """`sftmix dynamics`: Stage 1. `model_name_or_path` is the *reference* model (may differ from the target)."""
 
+    saves_one_model = False
+
     num_train_epochs: float = field(default=1.0, metadata={"help": "Reference run length; paper: 1 epoch."})
     output_dir: str | None = field(default="dynamics", metadata={"help": "Where confidence.jsonl etc. go."})
 
@@ -460,6 +455,8 @@ class DynamicsConfig(_DynamicsFields, SFTMixConfig):
 @dataclass
 class RunConfig(_EvalFields, _DynamicsFields, SFTMixConfig):
     """`sftmix run`: dynamics -> split -> SFTMix -> NTP baseline -> eval -> report, in `output_dir`."""
+
+    saves_one_model = False
 
     output_dir: str | None = field(default="runs/sftmix", metadata={"help": "The run directory."})
     eval_fraction: float = field(

@@ -48,6 +48,7 @@ from .data import (
     write_records,
 )
 from .errors import InputError
+from .hub import push_output_dir
 from .files import (
     OutputLock,
     file_hash,
@@ -294,6 +295,8 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     launch = distributed.describe_launch(trainer.model_wrapped, trainer.model)
     distributed.on_main(write_atomic, output_dir / "launch.json", json.dumps(launch, indent=2))
     trainer.accelerator.free_memory()  # `run` trains several models in one process
+    if config.push_to_hub:  # last: the directory is final (merged, cast, with its card and tokenizer)
+        distributed.on_main(push_output_dir, output_dir, config)
     return output_dir
 
 

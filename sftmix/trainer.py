@@ -190,10 +190,13 @@ def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, soft
 
 # SFTConfig fields that sftmix applies itself before the trainer exists: SFTTrainer would reject our loss
 # types, warn that model_init_kwargs are ignored (we loaded the model with them), apply the chat template
-# a second time (cloning a tokenizer's template resizes the embeddings again), and refuse padding-free
-# batches with a max_length (our examples are already cut to it).
+# a second time (cloning a tokenizer's template resizes the embeddings again), mask the tokenised rows again
+# (their labels already supervise the replies only), create a hub repo (sftmix pushes at the end: hub.py),
+# and refuse padding-free batches with a max_length (our examples are already cut to it).
 def _sftmix_handled(args: SFTMixConfig) -> dict:
-    neutral = {"loss_type": "nll", "model_init_kwargs": None, "chat_template_path": None}
+    neutral = {"loss_type": "nll", "model_init_kwargs": None, "chat_template_path": None,
+               "assistant_only_loss": False, "completion_only_loss": False, "dataset_kwargs": None,
+               "push_to_hub": False}
     return neutral | ({"max_length": None} if args.padding_free else {})
 
 
@@ -403,9 +406,12 @@ class SFTMixTrainer(SFTTrainer):
         """
         state_dict = distributed.full_state_dict(self.model_wrapped, self.model)
         if state_dict is None:
-            super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call=True)  # True: Trainer never pushes (hub.py does, at the end)
         else:
             self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """No push per checkpoint: `--push_to_hub` uploads the finished output directory (hub.py)."""
 
     # ------------------------------------------------------------------ whole-run totals across resumes
 

@@ -110,7 +110,7 @@ def trl_sft_yaml(model_dir, dataset: str, extra: str = "") -> str:
         "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_modules: [q_proj, v_proj]\n"
         "learning_rate: 1.0e-3\nmax_steps: 2\nper_device_train_batch_size: 4\nmax_length: 64\nlogging_steps: 1\n"
         "save_strategy: 'no'\nuse_cpu: true\nreport_to: none\noutput_dir: out\n"
-        "packing: false\nassistant_only_loss: false\nignore_bias_buffers: false\n" + extra
+        "packing: false\nassistant_only_loss: true\nignore_bias_buffers: false\n" + extra
     )
 
 

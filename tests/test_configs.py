@@ -54,7 +54,7 @@ def test_paper_recipe(name, cluster_inputs):
     config = parse(path, "--bf16", "false", *cluster_inputs)  # bf16 needs a GPU; everything else as on the cluster
     assert config.official_scorer  # alpaca_eval_scorer: "on", with the command and the key there
     # the paper: AdamW, lr 2e-6, cosine, warm-up 0.1, weight decay 0.1, 3 epochs, global batch 32 on 8 GPUs
-    assert (config.learning_rate, config.lr_scheduler_type.value, config.warmup_ratio, config.weight_decay) == (
+    assert (config.learning_rate, config.lr_scheduler_type.value, config.warmup_steps, config.weight_decay) == (
         2e-6, "cosine", 0.1, 0.1)
     assert config.num_train_epochs == 3 and config.dynamics_epochs == 1
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps * 8 == 32

@@ -23,7 +23,7 @@ from sftmix.errors import InputError
     ("mixup_alpha", 0.0),
     ("learning_rate", math.nan),
     ("learning_rate", -1e-5),
-    ("warmup_ratio", 1.5),
+    ("warmup_steps", -0.5),
     ("lora_r", 0),
     ("max_steps", 0),
     ("num_train_epochs", 0.0),
