@@ -93,7 +93,7 @@ def main() -> None:
         output_dir=str(output_dir / "train"), dataset_path=str(output_dir / "data" / "train.jsonl"),
         loss_type=args.loss_type, confidence_path=args.confidence_path, learning_rate=args.learning_rate,
         num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        seed=args.seed, save_strategy="no", logging_steps=5, gradient_checkpointing=False, report_to=[],
+        seed=args.seed, save_strategy="no", logging_steps=5, activation_checkpointing=False, report_to=[],
         disable_tqdm=True,
     )
     prepared = prepare(config)

@@ -140,7 +140,7 @@ def training_steps(args, rows: dict) -> dict:
     total = args.steps + args.warmup
     settings = dict(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size, max_steps=total,
-        learning_rate=2e-6, bf16=args.dtype == "bfloat16", gradient_checkpointing=args.gradient_checkpointing,
+        learning_rate=2e-6, bf16=args.dtype == "bfloat16", activation_checkpointing=args.gradient_checkpointing,
         save_strategy="no", report_to=[], logging_steps=total, max_length=args.seq_len, disable_tqdm=True,
         dataloader_pin_memory=False, use_cpu=not torch.cuda.is_available(), seed=0,
     )

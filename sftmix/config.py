@@ -246,6 +246,10 @@ class SFTMixConfig(SFTConfig):
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision. Default: on a CUDA GPU "
                               "that supports it, off elsewhere."})
     output_dir: str | None = field(default="out", metadata={"help": "Where checkpoints and the model go."})
+    # TRL defaults the old name to True, which makes transformers 5 warn on every command: same default, new name
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": settings.HELP["gradient_checkpointing"], "nargs": "?", "const": True}
+    )
 
     saves_one_model = True  # not a field: False for the commands that train several (no --push_to_hub)
 
@@ -275,6 +279,8 @@ class SFTMixConfig(SFTConfig):
         settings.refuse(self)
         import torch
 
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if not torch.cuda.is_available():

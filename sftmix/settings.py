@@ -77,7 +77,7 @@ HELP = {
                    "to hub_model_id (default: the output directory's name). Needs a token (HF_TOKEN or hub_token) "
                    "and a reachable hub, checked at start-up.",
     "max_length": "Tokens per example; longer ones are cut as --truncation says.",
-    "gradient_checkpointing": "Alias of activation_checkpointing (transformers 5).",
+    "gradient_checkpointing": "transformers 5's old name of --activation_checkpointing (on by default, as in TRL).",
     "train_sampling_strategy": "Honoured for --loss_type ntp. The losses that mix draw balanced confident/unconfident "
                                "batches with their own sampler: other values than `random` are refused there.",
 }

@@ -242,7 +242,7 @@ def test_lora_is_merged_from_the_whole_adapter(engine, config, tiny_model_dir, t
 def test_dynamics_reference_run_under_zero3_equals_one_process(tiny_model_dir, tiny_data, tmp_path):
     """Under ZeRO-3 the other ranks used to exit after training, and loading a checkpoint on rank 0 crashed."""
     settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]), max_length=64,
-                    learning_rate=1e-3, num_train_epochs=1, gradient_checkpointing=False, seed=3,
+                    learning_rate=1e-3, num_train_epochs=1, activation_checkpointing=False, seed=3,
                     scoring_batch_tokens=100, num_checkpoints=2)
     launch("zero3", ["dynamics", *cli_flags(settings), "--per_device_train_batch_size", "2", "--output_dir", "two"],
            tmp_path)
@@ -289,7 +289,7 @@ def test_run_two_processes_equals_one_process(tiny_model_dir, tmp_path):
     """DDP: the same steps and metrics as one process. Rank 1 used to run ahead into training while rank 0 scored."""
     data = write_jsonl(tmp_path / "data.jsonl", make_conversations(30, seed=4))
     settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(data), learning_rate=1e-3,
-                    num_train_epochs=1, max_length=64, gradient_checkpointing=False, eval_fraction=0.2,
+                    num_train_epochs=1, max_length=64, activation_checkpointing=False, eval_fraction=0.2,
                     num_generations=3, max_new_tokens=4, save_strategy="no", logging_steps=1,
                     scoring_batch_tokens=200, seeds=[5])
     result = launch("ddp", ["run", *cli_flags(settings), "--per_device_train_batch_size", "2", "--output_dir", "two"],

@@ -20,7 +20,7 @@ def dynamics_config(tmp_path, model_dir, data_path, name="dyn", **overrides):
     settings = dict(
         output_dir=str(tmp_path / name), model_name_or_path=str(model_dir), dataset_path=str(data_path),
         per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True, num_train_epochs=2, seed=3,
-        gradient_checkpointing=False, disable_tqdm=True, max_length=64, scoring_batch_tokens=100,
+        activation_checkpointing=False, disable_tqdm=True, max_length=64, scoring_batch_tokens=100,
     )
     settings.update(overrides)
     return DynamicsConfig(**settings)

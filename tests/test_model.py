@@ -18,7 +18,7 @@ def train_config(tmp_path, model_dir, data_path, **overrides) -> SFTMixConfig:
     settings = dict(
         output_dir=str(tmp_path / "out"), model_name_or_path=str(model_dir), dataset_path=str(data_path),
         loss_type="ntp", per_device_train_batch_size=4, max_steps=3, learning_rate=1e-5, use_cpu=True,
-        save_strategy="no", seed=0, gradient_checkpointing=False, disable_tqdm=True, max_length=64, report_to=[],
+        save_strategy="no", seed=0, activation_checkpointing=False, disable_tqdm=True, max_length=64, report_to=[],
     )
     settings.update(overrides)
     return SFTMixConfig(**settings)

@@ -16,7 +16,7 @@ def run_config(tmp_path, tiny_model_dir, data_path, name="run", **overrides):
     settings = dict(
         output_dir=str(tmp_path / name), model_name_or_path=str(tiny_model_dir), dataset_path=str(data_path),
         per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True, num_train_epochs=1, max_length=64,
-        gradient_checkpointing=False, disable_tqdm=True, eval_fraction=0.2, num_generations=3, max_new_tokens=4,
+        activation_checkpointing=False, disable_tqdm=True, eval_fraction=0.2, num_generations=3, max_new_tokens=4,
         save_strategy="steps", save_steps=2, logging_steps=1, scoring_batch_tokens=200, seeds=[5],
     )
     settings.update(overrides)

@@ -71,7 +71,7 @@ def tiny(tiny_model_dir, tiny_data, tmp_path, config_class=SFTMixConfig, name="o
     values = dict(output_dir=str(tmp_path / name), model_name_or_path=str(tiny_model_dir),
                   dataset_path=str(tiny_data[0]), confidence_path=str(tiny_data[1]), use_cpu=True,
                   per_device_train_batch_size=4, learning_rate=1e-2, max_steps=10, save_strategy="no",
-                  logging_steps=1, disable_tqdm=True, gradient_checkpointing=False)
+                  logging_steps=1, disable_tqdm=True, activation_checkpointing=False)
     values.update(overrides)
     if config_class is DynamicsConfig:
         values.pop("confidence_path")

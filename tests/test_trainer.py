@@ -15,7 +15,7 @@ from sftmix.trainer import BalancedBatchSampler, SFTMixTrainer
 def make_config(tmp_path, **overrides) -> SFTMixConfig:
     settings = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
-        learning_rate=1e-3, use_cpu=True, save_strategy="no", seed=7, gradient_checkpointing=False,
+        learning_rate=1e-3, use_cpu=True, save_strategy="no", seed=7, activation_checkpointing=False,
         disable_tqdm=True,
     )
     settings.update(overrides)
