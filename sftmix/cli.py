@@ -90,7 +90,7 @@ def _parse(config_class, prog: str, argv: list[str]):
         if "Unknown arguments from config file" in str(err):  # TrlParser's message for YAML keys no field takes
             unknown = str(err).split(": ", 1)[1].split(". Please", 1)[0]
             raise InputError(f"the config file has keys that {prog} does not take: {unknown}. `{prog} --help` lists "
-                             "them; the README maps `trl sft` options to sftmix") from err
+                             "them; docs/configuration.md maps `trl sft` options to sftmix") from err
         raise InputError(f"invalid configuration: {err}") from err  # a value Trainer or TRL refuses
     except (OSError, TypeError, yaml.YAMLError) as err:  # a missing or unreadable YAML
         raise InputError(f"invalid configuration: {type(err).__name__}: {err}") from err
@@ -222,8 +222,8 @@ def _eval(argv: list[str]) -> int:
 
 
 def _compare_splits(argv: list[str]) -> int:
+    from .confidence import split_agreement
     from .data import read_confidence
-    from .dynamics import split_agreement
 
     parser = argparse.ArgumentParser(prog="sftmix compare-splits")
     parser.add_argument("first")

@@ -115,8 +115,11 @@ def default_dataset_path() -> Path:
 LOCAL_FORMATS = (".json", ".jsonl", ".parquet")
 
 
-def load_records(path: str | Path, split: str = "train") -> tuple[list[Record], DataReport]:
-    """Read `.json`, `.jsonl` or `.parquet`, or a Hugging Face dataset name."""
+def load_records(path, split: str = "train") -> tuple[list[Record], DataReport]:
+    """Read `.json`, `.jsonl` or `.parquet`, a Hugging Face dataset name, or a `datasets.Dataset` (the API's)."""
+    if hasattr(path, "column_names"):  # a datasets.Dataset given to SFTMixTrainer: its rows, named by index
+        records = [Record(dict(row), f"dataset row {index}") for index, row in enumerate(path)]
+        return records, DataReport(source=f"a datasets.Dataset of {len(records)} rows", num_records=len(records))
     path_str = str(path)
     report = DataReport(source=path_str)
     local = Path(path_str)
@@ -682,14 +685,15 @@ def _cut_first_prompt(messages, tokenizer, max_length: int) -> tuple[list[int], 
 
 
 def build_dataset(
-    path: str | Path | None,
+    path,
     tokenizer: Any,
     max_length: int | None = 1024,
     max_examples: int | None = None,
     split: str = "train",
     truncation: str = "turns",
 ):
-    """Load, normalise and tokenise a dataset. Returns (datasets.Dataset, DataReport).
+    """Load, normalise and tokenise a dataset (a file, a hub name, a `datasets.Dataset`, or None: the embedded
+    default). Returns (datasets.Dataset, DataReport).
 
     Columns: `id` (str), `input_ids`, `labels`. Records with no assistant reply and
     examples with no supervised token after truncation are dropped and counted.
@@ -723,7 +727,8 @@ TOKENIZATION_VERSION = 3  # part of the cache key: bump when tokenisation or fil
 def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, truncation="turns") -> Path | None:
     """Where this exact tokenisation is cached; None when it cannot be keyed (hub data, slow tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if os.environ.get("SFTMIX_NO_CACHE") == "1" or backend is None or not Path(str(source)).is_file():
+    if (os.environ.get("SFTMIX_NO_CACHE") == "1" or backend is None or hasattr(source, "column_names")
+            or not Path(str(source)).is_file()):
         return None
     # The resolved path and the suffix (which picks the reader) belong to the key: the same bytes under
     # another name are another file, maybe another format, and the report must name the file read.

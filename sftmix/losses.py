@@ -113,6 +113,28 @@ def sample_lambda(alpha: float, num_pairs: int, per: str = "pair", seed: Sequenc
     return torch.from_numpy(draws).float()
 
 
+# --------------------------------------------------------------------------- pairs
+
+
+def balanced_pairs(batch_size: int, device=None) -> torch.Tensor:
+    """(confident, unconfident) pairs of a balanced batch: sequence k with k + B/2 (rows, or the sequences of a
+    padding-free row, which keep the sampler's order). -> [B/2, 2]"""
+    rows = torch.arange(batch_size // 2, device=device)
+    return torch.stack([rows, rows + batch_size // 2], dim=1)
+
+
+def count_mixed_positions(
+    shifted_labels: torch.Tensor, pair_index: torch.Tensor, shifted_sequence: torch.Tensor | None = None
+) -> int:
+    """sum over pairs of min(|Y_c|, |Y_u|): the number of Mixup positions. [B, T], [P, 2] -> int"""
+    supervised = shifted_labels != IGNORE_INDEX
+    if shifted_sequence is None:
+        count = supervised.sum(dim=1)  # [B]
+    else:
+        count = torch.bincount(shifted_sequence[supervised], minlength=int(pair_index.max()) + 1)  # [S]
+    return int(torch.minimum(count[pair_index[:, 0]], count[pair_index[:, 1]]).sum())
+
+
 # --------------------------------------------------------------------------- reference
 
 
@@ -219,6 +241,31 @@ def sftmix_loss_fused(
     row_nll.index_add_(0, owner[:, 1:].reshape(-1), position_nll)
     return LossTerms(total, row_nll.sum(), int(supervised.sum()), row_nll, mixup_sum, len(mixed.lam),
                      stats[0], stats[1])
+
+
+def sftmix_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lam: torch.Tensor,
+    mixup_weight: float = 0.2,
+    ntp_weight: float = 1.0,
+    fused: bool = True,
+) -> LossTerms:
+    """The SFTMix loss of one balanced batch, for your own training loop: `total` is
+    ntp_weight * (mean CE over the supervised tokens) + mixup_weight * (mean soft CE over the mixed positions).
+
+    hidden [B, T, D]: the final hidden states (the LM head's input); labels [B, T]: -100 where unsupervised; rows
+    0..B/2-1 confident and B/2..B-1 unconfident (`BalancedBatchSampler`), row k paired with k + B/2;
+    lm_head_weight [V, D]; lam [B/2] (`sample_lambda`). With gradient accumulation or several processes, normalise
+    over the whole step instead: `sftmix_loss_fused` takes the scales (what `SFTMixTrainer` does).
+    """
+    pairs = balanced_pairs(labels.size(0), labels.device)  # [B/2, 2]
+    tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    mixed = count_mixed_positions(labels[:, 1:], pairs)
+    loss = sftmix_loss_fused if fused else sftmix_loss_reference
+    return loss(hidden, labels, lm_head_weight, pairs, lam.to(hidden.device), ntp_weight / max(tokens, 1),
+                mixup_weight / max(mixed, 1))
 
 
 class _FusedSFTMix(torch.autograd.Function):

@@ -27,6 +27,7 @@ from transformers.trainer_utils import SaveStrategy
 
 from . import distributed
 from . import dynamics as dyn
+from .confidence import CheckpointScores, confidence_rows, summarise
 from .config import (
     VARIANT_LOSS_TYPES,
     DynamicsConfig,
@@ -48,7 +49,6 @@ from .data import (
     write_records,
 )
 from .errors import InputError
-from .hub import push_output_dir
 from .files import (
     OutputLock,
     file_hash,
@@ -61,6 +61,7 @@ from .files import (
     write_atomic,
     write_jsonl,
 )
+from .hub import push_output_dir
 from .model import (
     HUB_ID,
     check_loadable,
@@ -72,9 +73,7 @@ from .model import (
     load_tokenizer,
     loadable_checkpoint,
     merge_adapter,
-    resize_for_tokenizer,
     resolve_model_path,
-    training_init_kwargs,
 )
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
 
@@ -165,16 +164,12 @@ def prepare(config: SFTMixConfig) -> Prepared:
 def build_trainer(
     config: SFTMixConfig, prepared: Prepared, groups=None, callbacks=None, record_nll=False, eval_dataset=None
 ):
-    model = load_model(prepared.model_path, **training_init_kwargs(config))
-    resize_for_tokenizer(model, prepared.tokenizer)
-    check_vocabulary(model, prepared.tokenizer, prepared.model_path)
     return SFTMixTrainer(
-        model,
+        prepared.model_path,
         args=config,
         train_dataset=prepared.dataset,
         eval_dataset=eval_dataset,
         processing_class=prepared.tokenizer,
-        peft_config=_lora_config(config) if config.use_peft else None,
         groups=groups,
         callbacks=callbacks,
         record_nll=record_nll,
@@ -342,17 +337,6 @@ def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, 
                        "ignored", unused, confidence_path)
 
 
-def _lora_config(config: SFTMixConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules, use_dora=config.use_dora, use_rslora=config.use_rslora,
-        modules_to_save=config.lora_modules_to_save, target_parameters=config.lora_target_parameters,
-        task_type="CAUSAL_LM",
-    )
-
-
 def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path, base_model_path: str) -> None:
     """Full weights (LoRA merged in) that `AutoModelForCausalLM.from_pretrained(output_dir)` loads, checked.
 
@@ -407,7 +391,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
             _checkpoint_scores(config, prepared, checkpoint, scores_dir / f"{k:02d}-{Path(checkpoint).name}.json")
             for k, checkpoint in enumerate(checkpoints)
         ]
-    rows = dyn.confidence_rows(ids, scores, config.split_ratio)
+    rows = confidence_rows(ids, scores, config.split_ratio)
     distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows, key)
     return output_dir
 
@@ -440,7 +424,7 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
                                                         len(prepared.report.dropped_no_supervised_tokens)}},
         "split_ratio": config.split_ratio,
         "processes": distributed.world_size(),
-        "summary": dyn.summarise(rows),
+        "summary": summarise(rows),
         "key": key,
     }, indent=2))
     dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
@@ -508,7 +492,7 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
         desc=f"Scoring {Path(checkpoint).name}",
     )
-    scores = dyn.CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
+    scores = CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
     distributed.on_main(dyn.check_scores, scores, prepared.dataset["id"])
     distributed.on_main(dyn.save_scores, path, scores, key)
     return scores

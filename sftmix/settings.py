@@ -29,7 +29,8 @@ HONOURED: dict[str, tuple[str, ...]] = {
         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "max_grad_norm"),
     "length of training and batches": (
         "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "average_tokens_across_devices", "seed", "data_seed", "full_determinism", "length_column_name", "shuffle_dataset", "dataloader_drop_last", "dataloader_num_workers",
+        "average_tokens_across_devices", "seed", "data_seed", "full_determinism", "length_column_name",
+        "shuffle_dataset", "dataloader_drop_last", "dataloader_num_workers",
         "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
         "dataloader_multiprocessing_context", "dataloader_in_order", "remove_unused_columns"),
     "precision, memory and speed": (
@@ -56,8 +57,8 @@ HONOURED: dict[str, tuple[str, ...]] = {
         "metric_for_best_model", "greater_is_better"),
     "checkpoints, resuming and the hub": (
         "output_dir", "save_only_model", "save_strategy", "save_steps", "save_on_each_node", "save_total_limit",
-        "enable_jit_checkpoint", "resume_from_checkpoint", "ignore_data_skip", "restore_callback_states_from_checkpoint",
-        "hub_token", "hub_private_repo", "hub_model_id", "hub_revision"),
+        "enable_jit_checkpoint", "resume_from_checkpoint", "ignore_data_skip",
+        "restore_callback_states_from_checkpoint", "hub_token", "hub_private_repo", "hub_model_id", "hub_revision"),
     "devices and launchers": (
         "use_cpu", "accelerator_config", "parallelism_config", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
         "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed",

@@ -22,13 +22,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import sys
 import time
 import types
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,55 +45,19 @@ from . import distributed
 from .config import SFTMixConfig
 from .errors import InputError
 from .files import write_atomic
-from .losses import IGNORE_INDEX, LossTerms, sample_lambda, sftmix_loss_fused, sftmix_loss_reference
+from .losses import (
+    IGNORE_INDEX,
+    LossTerms,
+    balanced_pairs,
+    count_mixed_positions,
+    sample_lambda,
+    sftmix_loss_fused,
+    sftmix_loss_reference,
+)
 from .model import head_is_linear
+from .sampler import BalancedBatchSampler
 
-
-class BalancedBatchSampler:
-    """Per-device batches of B/2 confident then B/2 unconfident indices, reshuffled each epoch.
-
-    The smaller group is cycled (reshuffled on each pass) so that every example of the
-    larger group is seen once per epoch; only full batches are yielded. Trainer calls
-    `set_epoch`, so a resumed run reproduces the same order.
-    """
-
-    def __init__(self, confident: list[int], unconfident: list[int], batch_size: int, seed: int = 0):
-        if batch_size % 2 or batch_size < 2:
-            raise ValueError(f"batch size must be even and >= 2 for balanced batches, got {batch_size}")
-        if not confident or not unconfident:
-            raise ValueError("balanced batches need at least one confident and one unconfident example")
-        self.confident, self.unconfident = list(confident), list(unconfident)
-        self.batch_size, self.half = batch_size, batch_size // 2
-        self.drop_last = False
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        pairs = max(len(self.confident), len(self.unconfident))
-        return -(-pairs // self.half)  # ceil: the last batch is filled by cycling
-
-    def __iter__(self) -> Iterator[list[int]]:
-        needed = len(self) * self.half
-        # One generator per group: a group's order does not depend on how often the other group
-        # was cycled, so batch size B on one process and B/N on N processes pair the same examples.
-        confident = _cycled_permutation(self.confident, needed, self._generator(0))
-        unconfident = _cycled_permutation(self.unconfident, needed, self._generator(1))
-        for start in range(0, needed, self.half):
-            yield confident[start : start + self.half] + unconfident[start : start + self.half]
-
-
-    def _generator(self, group: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch + 7_919 * group)
-
-
-def _cycled_permutation(items: list[int], length: int, generator: torch.Generator) -> list[int]:
-    out: list[int] = []
-    while len(out) < length:
-        out += [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
-    return out[:length]
-
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- model forward
 
@@ -214,21 +178,41 @@ def _fields_handled_by_sftmix(args: SFTMixConfig):
 
 
 class SFTMixTrainer(SFTTrainer):
-    """SFTTrainer whose loss is `args.loss_type` (sftmix | ntp | equal | mixup_only).
+    """SFTTrainer whose loss is `args.loss_type` (sftmix | ntp | equal | mixup_only), taking what SFTTrainer takes.
 
-    `groups` maps example id -> "confident" | "unconfident"; every loss_type but
-    "ntp" needs it, and the train dataset must have an `id` column.
+    `model`: a model, or its name or directory (None: `args.model_name_or_path`, else the embedded default), loaded
+    as `sftmix train` loads it. `train_dataset` / `eval_dataset`: a `datasets.Dataset` in any supported format (chat
+    `messages`, Alpaca, prompt/completion, ShareGPT), tokenised, masked and cut exactly as `sftmix train` does; None:
+    `args.dataset_path`. Rows that already hold `input_ids` and `labels` are used as they are. Every loss_type but
+    "ntp" needs the confidence split: `args.confidence_path` (from `sftmix dynamics`), or `groups` (id -> group).
     """
 
     _tag_names = ["trl", "sftmix"]
 
     def __init__(
-        self, model, args: SFTMixConfig, groups: dict[str, str] | None = None, record_nll: bool = False, **kwargs
+        self, model=None, args: SFTMixConfig | None = None, train_dataset=None, eval_dataset=None,
+        processing_class=None, groups: dict[str, str] | None = None, record_nll: bool = False, **kwargs
     ):
+        args = args if args is not None else SFTMixConfig()
+        model, processing_class = _model_and_tokenizer(model, args, processing_class)
+        train_dataset = _tokenised(train_dataset if train_dataset is not None else args.dataset_path, args,
+                                   processing_class, args.max_examples)
+        if eval_dataset is not None:
+            eval_dataset = ({name: _tokenised(part, args, processing_class) for name, part in eval_dataset.items()}
+                            if isinstance(eval_dataset, dict) else _tokenised(eval_dataset, args, processing_class))
+        if groups is None and args.loss_type != "ntp" and args.confidence_path is not None:
+            from .data import read_confidence
+
+            groups = read_confidence(args.confidence_path)
+        if kwargs.get("peft_config") is None and args.use_peft:
+            from trl import get_peft_config
+
+            kwargs["peft_config"] = get_peft_config(args)
         if record_nll:  # keep the `id` column so each example's NLL can be attributed to it
             args.remove_unused_columns = False
         with _fields_handled_by_sftmix(args):
-            super().__init__(model, args=args, **kwargs)
+            super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, **kwargs)
         self.mixing = args.loss_type != "ntp"
         self._step: StepCounts | None = None  # set at the start of every optimisation step
         self._micro_batch = 0  # index of the micro-batch within the optimisation step
@@ -443,6 +427,44 @@ class SFTMixTrainer(SFTTrainer):
         write_model_card(Path(self.args.output_dir), self.args)
 
 
+def _model_and_tokenizer(model, args: SFTMixConfig, tokenizer):
+    """The model (loaded from its name as `sftmix train` loads it) and its tokenizer with args' chat template."""
+    from .model import (
+        check_vocabulary,
+        load_model,
+        load_tokenizer,
+        resize_for_tokenizer,
+        resolve_model_path,
+        set_chat_template,
+        training_init_kwargs,
+    )
+
+    path = resolve_model_path(model if isinstance(model, str) else args.model_name_or_path) if (
+        model is None or isinstance(model, str)) else model.name_or_path
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, args.trust_remote_code, args.chat_template_path)
+    elif args.chat_template_path is not None:
+        set_chat_template(tokenizer, args.chat_template_path)
+    if model is None or isinstance(model, str):
+        model = load_model(path, **training_init_kwargs(args))
+    resize_for_tokenizer(model, tokenizer)
+    check_vocabulary(model, tokenizer, path)
+    return model, tokenizer
+
+
+def _tokenised(dataset, args: SFTMixConfig, tokenizer, max_examples: int | None = None):
+    """Rows with `input_ids` and `labels` as they are; a raw dataset (or a path) through `build_dataset`, the one
+    data path of the CLI and the API: same tokenisation, assistant-only masking, truncation and ids."""
+    from .data import build_dataset
+
+    if dataset is not None and "input_ids" in getattr(dataset, "column_names", ()):
+        return dataset
+    built, report = build_dataset(dataset, tokenizer, args.max_length, max_examples, args.dataset_split,
+                                  args.truncation)
+    logger.warning("Data: %s", report.summary())
+    return built
+
+
 def _batch_tokens(inputs: dict) -> int:
     """Input tokens of a batch, padding excluded (TRL's `num_tokens`)."""
     if "attention_mask" in inputs:
@@ -486,13 +508,6 @@ def supervised_per_sequence(labels: torch.Tensor, sequence: torch.Tensor | None)
     if sequence is None:
         return shifted.sum(dim=1)
     return torch.bincount(sequence[:, 1:][shifted], minlength=num_sequences(labels, sequence))
-
-
-def balanced_pairs(batch_size: int, device=None) -> torch.Tensor:
-    """(confident, unconfident) pairs of a balanced batch: sequence k with k + B/2 (rows, or the sequences of a
-    padding-free row, which keep the sampler's order). -> [B/2, 2]"""
-    rows = torch.arange(batch_size // 2, device=device)
-    return torch.stack([rows, rows + batch_size // 2], dim=1)
 
 
 @dataclass
@@ -598,18 +613,6 @@ def _mixed_in_batch(batch: dict) -> int:
     labels, sequence = batch["labels"], sequence_index(batch)
     pairs = balanced_pairs(num_sequences(labels, sequence))
     return count_mixed_positions(labels[:, 1:], pairs, _shifted(sequence))
-
-
-def count_mixed_positions(
-    shifted_labels: torch.Tensor, pair_index: torch.Tensor, shifted_sequence: torch.Tensor | None = None
-) -> int:
-    """sum over pairs of min(|Y_c|, |Y_u|): the number of Mixup positions. [B, T], [P, 2] -> int"""
-    supervised = shifted_labels != IGNORE_INDEX
-    if shifted_sequence is None:
-        count = supervised.sum(dim=1)  # [B]
-    else:
-        count = torch.bincount(shifted_sequence[supervised], minlength=int(pair_index.max()) + 1)  # [S]
-    return int(torch.minimum(count[pair_index[:, 0]], count[pair_index[:, 1]]).sum())
 
 
 def check_ids_match(dataset_ids: list[str], groups: dict[str, str]) -> int:

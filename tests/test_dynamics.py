@@ -10,6 +10,7 @@ from test_trainer import make_config
 from transformers import AutoModelForCausalLM
 
 from sftmix import dynamics as dyn
+from sftmix.confidence import split_groups
 from sftmix.config import DynamicsConfig
 from sftmix.data import build_dataset
 from sftmix.errors import InputError
@@ -72,10 +73,10 @@ def test_writes_three_files_with_independently_checked_perplexities(tiny_model_d
 
 def test_split_ties_and_odd_counts_are_deterministic():
     ids = ["d", "b", "c", "a", "e"]
-    groups = dyn.split_groups(ids, [1.0, 1.0, 0.0, 1.0, -1.0])
+    groups = split_groups(ids, [1.0, 1.0, 0.0, 1.0, -1.0])
     # two confident of five (floor); among the three tied at 1.0, ids a and b win
     assert groups == ["unconfident", "confident", "unconfident", "confident", "unconfident"]
-    assert dyn.split_groups(ids, [1.0, 1.0, 0.0, 1.0, -1.0], split_ratio=0.8).count("confident") == 4
+    assert split_groups(ids, [1.0, 1.0, 0.0, 1.0, -1.0], split_ratio=0.8).count("confident") == 4
 
 
 def test_length_batches_cover_everything_within_budget():

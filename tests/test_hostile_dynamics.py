@@ -7,6 +7,7 @@ from conftest import model_variant
 from test_dynamics import dynamics_config
 
 from sftmix import dynamics as dyn
+from sftmix.confidence import CheckpointScores, confidence_rows
 from sftmix.errors import InputError
 from sftmix.pipeline import dynamics
 
@@ -39,9 +40,9 @@ def test_diverged_checkpoint_overflowing_perplexity_is_refused(tiny_model_dir, t
 
 
 def test_confidence_overflow_over_checkpoints_is_refused():
-    scores = [dyn.CheckpointScores(f"c{k}", [709.0, 1.0], [1, 1]) for k in range(3)]  # each e^709, their sum inf
+    scores = [CheckpointScores(f"c{k}", [709.0, 1.0], [1, 1]) for k in range(3)]  # each e^709, their sum inf
     with pytest.raises(InputError, match=r"overflows a float \(e\.g\. ids \['a'\]"):
-        dyn.confidence_rows(["a", "b"], scores, 0.5)
+        confidence_rows(["a", "b"], scores, 0.5)
 
 
 def test_checkpoint_with_fewer_embeddings_than_tokens_is_refused(tiny_model_dir, tiny_data, tmp_path):

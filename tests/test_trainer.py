@@ -9,7 +9,8 @@ from sftmix.config import SFTMixConfig
 from sftmix.data import build_dataset, read_confidence
 from sftmix.losses import mixed_positions, sftmix_loss_reference
 from sftmix.pipeline import train
-from sftmix.trainer import BalancedBatchSampler, SFTMixTrainer
+from sftmix.sampler import BalancedBatchSampler
+from sftmix.trainer import SFTMixTrainer
 
 
 def make_config(tmp_path, **overrides) -> SFTMixConfig:
