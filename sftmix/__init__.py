@@ -3,30 +3,35 @@
 The core, torch only (no TRL, no transformers), for your own training loop:
     sftmix_loss, sftmix_loss_fused, sftmix_loss_reference, sample_lambda, balanced_pairs   (sftmix.losses)
     BalancedBatchSampler                                                                   (sftmix.sampler)
-    CheckpointScores, confidence, variability, split_groups, confidence_rows               (sftmix.confidence)
-Used like TRL's SFTTrainer (imported on first use):
+    CheckpointScores, mean_confidence, variability, split_groups, confidence_rows          (sftmix.confidence)
+Used like TRL's SFTTrainer:
     SFTMixConfig, SFTMixTrainer, build_dataset, read_confidence
-The CLI `sftmix` runs the recipes of `sftmix.pipeline` (train, dynamics, run, evaluate).
+Every name is imported on first use, so `import sftmix` (and the CLI's start) costs nothing.
 """
-
-from .confidence import CheckpointScores, confidence, confidence_rows, split_groups, variability
-from .losses import LossTerms, balanced_pairs, sample_lambda, sftmix_loss, sftmix_loss_fused, sftmix_loss_reference
-from .sampler import BalancedBatchSampler
 
 __version__ = "0.1.0"
 
-# name -> module: these import TRL and transformers, so only when asked for
-_ON_FIRST_USE = {"SFTMixConfig": "config", "SFTMixTrainer": "trainer", "build_dataset": "data",
-                 "read_confidence": "data"}
-
-__all__ = ["BalancedBatchSampler", "CheckpointScores", "LossTerms", "balanced_pairs", "confidence", "confidence_rows",
-           "sample_lambda", "sftmix_loss", "sftmix_loss_fused", "sftmix_loss_reference", "split_groups",
-           "variability", *_ON_FIRST_USE]
+# public name -> the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(["LossTerms", "balanced_pairs", "sample_lambda", "sftmix_loss", "sftmix_loss_fused",
+                     "sftmix_loss_reference"], "losses"),
+    "BalancedBatchSampler": "sampler",
+    **dict.fromkeys(["CheckpointScores", "mean_confidence", "variability", "split_groups", "confidence_rows"],
+                    "confidence"),
+    "SFTMixConfig": "config",
+    "SFTMixTrainer": "trainer",
+    **dict.fromkeys(["build_dataset", "read_confidence"], "data"),
+}
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    if name in _ON_FIRST_USE:
+    if name in _PUBLIC:
         import importlib
 
-        return getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(f"module 'sftmix' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -38,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     # Under a launcher every rank runs this: warnings once (rank 0's), errors from every rank.
     logging.basicConfig(level=logging.WARNING if is_main() else logging.ERROR,
                         format="%(levelname)s %(name)s: %(message)s")
-    command, rest = argv[0], [arg for arg in argv[1:] if arg != "--debug"]
-    debug = "--debug" in argv or os.environ.get("SFTMIX_DEBUG") == "1"
+    # sftmix's --debug (keep tracebacks) stands alone; `--debug underflow_overflow` is Trainer's option
+    own_debug = [index for index, arg in enumerate(argv) if arg == "--debug"
+                 and (index + 1 == len(argv) or argv[index + 1].startswith("-"))]
+    command, rest = argv[0], [arg for index, arg in enumerate(argv) if index and index not in own_debug]
+    debug = bool(own_debug) or os.environ.get("SFTMIX_DEBUG") == "1"
     handlers = {"train": _train, "dynamics": _dynamics, "run": _run, "eval": _eval, "compare-splits": _compare_splits,
                 "select": _select}
     from .errors import InputError
@@ -78,6 +81,10 @@ def _parse(config_class, prog: str, argv: list[str]):
         name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
         if name in settings.RENAMED:
             raise InputError(f"--{name} is not an option any more: use --{settings.RENAMED[name]}")
+    # TRL's parser has --no_gradient_checkpointing (its default is True); sftmix's default is unset (on)
+    argv = [item for arg in argv for item in (["--gradient_checkpointing", "false"]
+                                             if arg in ("--no_gradient_checkpointing", "--no-gradient-checkpointing")
+                                             else [arg])]
     if "--config" in argv[:-1]:
         _check_yaml(argv[argv.index("--config") + 1], config_class)
     parser = TrlParser((config_class,), prog=prog)
@@ -108,6 +115,8 @@ def _unique_key_loader():
         def construct_mapping(self, node, deep=False):
             lines = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if key in lines:
                     raise InputError(f"`{key}` is given twice (lines {lines[key] + 1} and "

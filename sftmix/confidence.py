@@ -33,7 +33,7 @@ class CheckpointScores:
 
 
 
-def confidence(scores: list[CheckpointScores]) -> list[float]:
+def mean_confidence(scores: list[CheckpointScores]) -> list[float]:
     """Conf(i) = -(1/C) sum_c Perp_c(i)."""
     per_checkpoint = [score.perplexities for score in scores]
     return [-sum(values) / len(values) for values in zip(*per_checkpoint)]
@@ -56,7 +56,7 @@ def variability(scores: list[CheckpointScores]) -> list[float]:
 
 
 def confidence_rows(ids, scores: list[CheckpointScores], split_ratio: float) -> list[dict[str, Any]]:
-    values = confidence(scores)
+    values = mean_confidence(scores)
     overflowing = [example_id for example_id, value in zip(ids, values) if not math.isfinite(value)]
     if overflowing:
         raise InputError(f"the mean perplexity of {len(overflowing)} examples overflows a float (e.g. ids "

@@ -240,7 +240,7 @@ class SFTMixConfig(SFTConfig):
     warmup_steps: float = field(
         default=0.1,
         metadata={"help": "Linear warm-up: a value below 1 is a share of the total steps (transformers 5's and "
-                  "`trl sft`'s meaning), 1 or more a number of steps. Paper: 0.1 (the first 10% of steps)."},
+                  "`trl sft`'s meaning), 1 or more a number of steps. Paper: 0.1 (the first tenth of the steps)."},
     )
     # bf16 only where it is supported (TRL defaults to True, which fails on CPU).
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision. Default: on a CUDA GPU "

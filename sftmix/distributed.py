@@ -283,6 +283,3 @@ def check_launch(config) -> None:
     if any(size > 1 for size in parallel.values()):
         raise InputError(f"tensor / context / sequence parallelism ({parallel}) is not supported: the Mixup pairs "
                          "need whole sequences on one rank; use data parallelism with FSDP2 or ZeRO-3")
-    if config.loss_type != "ntp" and getattr(config.accelerator_config, "split_batches", False):
-        raise InputError("accelerator_config.split_batches would cut each balanced confident/unconfident batch "
-                         "across ranks; leave it false (each rank then gets whole balanced batches)")

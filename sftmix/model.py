@@ -97,8 +97,9 @@ def _not_loadable(path: str, what: str, err: Exception) -> InputError:
     return InputError(f"{path}: cannot load the {what} ({where}): {first_line}")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_path: str | None = None):
-    """The model's tokenizer, with the chat template of `chat_template_path` when given.
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_path: str | None = None,
+                   eos_token: str | None = None, revision: str = "main"):
+    """The model's tokenizer, with the chat template of `chat_template_path` and `trl sft`'s --eos_token when given.
 
     `chat_template_path` is a Jinja file (`.jinja` / `.j2`), read as the template, or a
     tokenizer directory whose template, end-of-sequence token and added tokens are copied
@@ -109,7 +110,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_pat
 
     check_model_path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  **({"revision": revision} if revision != "main" else {}))
     except OSError as err:
         raise _not_loadable(path, "tokenizer", err) from err
     if chat_template_path is not None:
@@ -117,9 +119,25 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_pat
     if tokenizer.chat_template is None:
         raise InputError(f"{path}: the tokenizer has no chat template; set one with --chat_template_path "
                          "(a .jinja file or a tokenizer directory)")
+    set_eos_token(tokenizer, eos_token)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.sftmix_prepared = True  # template and eos applied: SFTMixTrainer does not apply them again
     return tokenizer
+
+
+def set_eos_token(tokenizer, eos_token: str | None) -> None:
+    """`trl sft`'s --eos_token: the token that ends a turn (before tokenising: truncation keeps turn ends)."""
+    if eos_token is None:
+        return
+    if eos_token not in tokenizer.get_vocab():
+        raise InputError(f"--eos_token {eos_token!r} is not in the tokenizer's vocabulary")
+    tokenizer.eos_token = eos_token
+
+
+def model_revision(config) -> str:
+    """The revision the weights are loaded from: model_init_kwargs' `revision` over --model_revision."""
+    return (config.model_init_kwargs or {}).get("revision") or config.model_revision
 
 
 def set_chat_template(tokenizer, chat_template_path: str) -> None:
@@ -187,8 +205,8 @@ def training_init_kwargs(config) -> dict[str, Any]:
     `model_init_kwargs` on top, then the bitsandbytes config for QLoRA."""
     kwargs: dict[str, Any] = {"dtype": config.dtype, "attn_implementation": config.attn_implementation,
                               "trust_remote_code": config.trust_remote_code}
-    if config.model_revision != "main":
-        kwargs["revision"] = config.model_revision
+    if model_revision(config) != "main":
+        kwargs["revision"] = model_revision(config)
     kwargs.update(config.model_init_kwargs or {})
     if config.padding_free and kwargs.get("attn_implementation") in (None, "sdpa"):
         kwargs["attn_implementation"] = register_varlen_attention()  # SDPA per sequence, see varlen_sdpa_attention
@@ -328,7 +346,8 @@ def head_is_linear(model) -> bool:
     )
 
 
-def merge_adapter(base_path: str, adapter_dir: Path, output_dir: Path, trust_remote_code: bool = False) -> None:
+def merge_adapter(base_path: str, adapter_dir: Path, output_dir: Path, trust_remote_code: bool = False,
+                  revision: str = "main") -> None:
     """Base weights + saved LoRA adapter -> one plain model in `output_dir` (float32, on the CPU).
 
     Merged from the files, not from the live model: under FSDP2 or ZeRO-3 the live weights are
@@ -337,7 +356,8 @@ def merge_adapter(base_path: str, adapter_dir: Path, output_dir: Path, trust_rem
     from peft import PeftModel
 
     with unpartitioned_loading():  # rank 0 alone holds the whole model, even inside a ZeRO-3 job
-        base = load_model(base_path, trust_remote_code, dtype="float32")
+        base = load_model(base_path, trust_remote_code, dtype="float32",
+                          **({"revision": revision} if revision != "main" else {}))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(output_dir, safe_serialization=True)
 

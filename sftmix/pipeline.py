@@ -73,6 +73,7 @@ from .model import (
     load_tokenizer,
     loadable_checkpoint,
     merge_adapter,
+    model_revision,
     resolve_model_path,
 )
 from .trainer import SFTMixTrainer, check_ids_match, write_model_card
@@ -148,11 +149,8 @@ def _split_off_test(records: list, size: float | None, seed: int) -> tuple[list,
 def prepare(config: SFTMixConfig) -> Prepared:
     # Rank 0 converts the default model and fills the tokenisation cache; the other ranks then read them.
     model_path = distributed.main_first(resolve_model_path, config.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, config.trust_remote_code, config.chat_template_path)
-    if config.eos_token is not None:  # trl sft's --eos_token: the token that ends a turn
-        if config.eos_token not in tokenizer.get_vocab():
-            raise InputError(f"--eos_token {config.eos_token!r} is not in the tokenizer's vocabulary")
-        tokenizer.eos_token = config.eos_token
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code, config.chat_template_path, config.eos_token,
+                               model_revision(config))
     dataset, report = distributed.main_first(
         build_dataset, config.dataset_path, tokenizer, config.max_length, config.max_examples, config.dataset_split,
         config.truncation,
@@ -347,7 +345,7 @@ def _save(trainer: SFTMixTrainer, config: SFTMixConfig, output_dir: Path, base_m
     if config.use_peft:
         trainer.save_model(str(output_dir / "adapter"))  # every rank: gathers the adapter under sharded engines
         distributed.on_main(merge_adapter, base_model_path, output_dir / "adapter", output_dir,
-                            config.trust_remote_code)
+                            config.trust_remote_code, model_revision(config))
         distributed.on_main(trainer.processing_class.save_pretrained, str(output_dir))
     else:
         trainer.save_model(str(output_dir))

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from . import distributed
 from .errors import InputError
 
 # ---------------------------------------------------------------------------------------------- honoured
@@ -57,10 +58,10 @@ HONOURED: dict[str, tuple[str, ...]] = {
         "metric_for_best_model", "greater_is_better"),
     "checkpoints, resuming and the hub": (
         "output_dir", "save_only_model", "save_strategy", "save_steps", "save_on_each_node", "save_total_limit",
-        "enable_jit_checkpoint", "resume_from_checkpoint", "ignore_data_skip",
+        "enable_jit_checkpoint", "ignore_data_skip",
         "restore_callback_states_from_checkpoint", "hub_token", "hub_private_repo", "hub_model_id", "hub_revision"),
     "devices and launchers": (
-        "use_cpu", "accelerator_config", "parallelism_config", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
+        "use_cpu", "ddp_find_unused_parameters", "ddp_bucket_cap_mb",
         "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend", "ddp_timeout", "fsdp", "fsdp_config", "deepspeed",
         "local_rank"),
 }
@@ -79,6 +80,11 @@ HELP = {
                    "and a reachable hub, checked at start-up.",
     "max_length": "Tokens per example; longer ones are cut as --truncation says.",
     "gradient_checkpointing": "transformers 5's old name of --activation_checkpointing (on by default, as in TRL).",
+    "dataloader_drop_last": "Honoured for --loss_type ntp; the mixing losses' balanced sampler always yields full "
+                            "batches (it cycles the smaller group).",
+    "accelerator_config": "accelerate's settings; split_batches is refused for the losses that mix.",
+    "resume_from_checkpoint": "The checkpoint to resume (default: the newest complete one in output_dir); "
+                              "`sftmix run` resumes every stage from its own and refuses it.",
     "train_sampling_strategy": "Honoured for --loss_type ntp. The losses that mix draw balanced confident/unconfident "
                                "batches with their own sampler: other values than `random` are refused there.",
 }
@@ -107,9 +113,9 @@ REFUSED: dict[str, Refusal] = {
                        "and keeps the pairs"),
     "eval_packing": Refusal(lambda c: bool(c.eval_packing), "--eval_packing is not supported (see --packing): "
                             "use --padding_free true"),
-    "assistant_only_loss": Refusal(lambda c: c.assistant_only_loss is False, "--assistant_only_loss false is not "
-                                   "supported: sftmix always supervises the assistant's replies only (both loss terms "
-                                   "are defined on response tokens); leave it out or set it true"),
+    "assistant_only_loss": Refusal(lambda c: c.assistant_only_loss is False, "--assistant_only_loss false (TRL's "
+                                   "default) is not supported: sftmix always supervises the assistant's replies only "
+                                   "(both loss terms are defined on response tokens); leave it out or set it true"),
     "completion_only_loss": Refusal(lambda c: c.completion_only_loss is False, "--completion_only_loss false is not "
                                     "supported: sftmix always supervises the completions only; leave it out or set "
                                     "it true"),
@@ -143,9 +149,27 @@ REFUSED: dict[str, Refusal] = {
     "push_to_hub": Refusal(lambda c: c.push_to_hub and not getattr(c, "saves_one_model", True),
                            "--push_to_hub is for `sftmix train`, which saves one model; `sftmix dynamics` and "
                            "`sftmix run` train several: upload the one you want afterwards with `hf upload`"),
+    "parallelism_config": Refusal(lambda c: c.parallelism_config is not None, "--parallelism_config: tensor, context "
+                                  "and sequence parallelism are not supported: the Mixup pairs need whole sequences on "
+                                  "one rank; use data parallelism with FSDP2 or ZeRO-3 (docs/multi-gpu.md)"),
+    "accelerator_config": Refusal(lambda c: _mixes(c) and _setting(c.accelerator_config, "split_batches"),
+                                  "accelerator_config.split_batches would cut each balanced confident/unconfident "
+                                  "batch across ranks; leave it false (each rank then gets whole balanced batches)"),
+    "resume_from_checkpoint": Refusal(lambda c: c.resume_from_checkpoint is not None and hasattr(c, "variants"),
+                                      "--resume_from_checkpoint: `sftmix run` resumes every stage from its own "
+                                      "checkpoints; rerun the same command instead"),
     "hub_always_push": Refusal(lambda c: c.hub_always_push, "--hub_always_push: sftmix pushes once, at the end "
                                "(--push_to_hub), what the output directory then holds"),
 }
+
+def _setting(value, name: str):
+    """`name` of a config given as an object, a mapping or a JSON string (a YAML or a flag)."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        import json
+
+        value = json.loads(value)
+    return value.get(name) if isinstance(value, dict) else getattr(value, name, None)
+
 
 # ---------------------------------------------------------------------------------------------- no effect
 
@@ -216,7 +240,7 @@ def check_environment(config) -> None:
             packages = " ".join(_REPORTER_PACKAGES.get(name, name) for name in missing)
             raise InputError(f"--report_to {' '.join(missing)} needs its package: pip install {packages} (or drop it "
                              "from --report_to)")
-    if getattr(config, "push_to_hub", False):
+    if getattr(config, "push_to_hub", False) and distributed.is_main():  # rank 0 alone pushes
         check_hub(config)
 
 
@@ -253,7 +277,7 @@ def arrange_help(parser: argparse.ArgumentParser, own_fields: set[str]) -> None:
         for group in parser._action_groups:
             if action in group._group_actions:
                 group._group_actions.remove(action)
-        if name in HELP:
+        if name in HELP and name not in own_fields:  # sftmix's own fields carry their own help
             action.help = HELP[name]
         if classify(name) != "honoured" and name not in HELP:  # refused whatever its value, or no effect
             action.help = argparse.SUPPRESS

@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import seed_worker
 from transformers.utils import ModelOutput
 from trl import SFTTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
@@ -194,12 +195,17 @@ class SFTMixTrainer(SFTTrainer):
         processing_class=None, groups: dict[str, str] | None = None, record_nll: bool = False, **kwargs
     ):
         args = args if args is not None else SFTMixConfig()
+        # what the model card names (write_model_card): what was given, else args'
+        self._card = (model if isinstance(model, str) else getattr(model, "name_or_path", None),
+                      None if train_dataset is None or isinstance(train_dataset, str) else "the train_dataset given")
         model, processing_class = _model_and_tokenizer(model, args, processing_class)
-        train_dataset = _tokenised(train_dataset if train_dataset is not None else args.dataset_path, args,
-                                   processing_class, args.max_examples)
-        if eval_dataset is not None:
-            eval_dataset = ({name: _tokenised(part, args, processing_class) for name, part in eval_dataset.items()}
-                            if isinstance(eval_dataset, dict) else _tokenised(eval_dataset, args, processing_class))
+        if train_dataset is None:
+            if args.datasets or args.dataset_config is not None:  # resolved by the CLI's recipes (resolve_datasets)
+                raise InputError("SFTMixTrainer reads args.dataset_path only: load a `datasets:` mixture or a dataset "
+                                 "configuration yourself and pass it as train_dataset")
+            train_dataset = args.dataset_path  # None: the embedded default, as `sftmix train`
+        train_dataset = _tokenised(train_dataset, args, processing_class, args.max_examples)
+        eval_dataset = self._tokenised_eval(eval_dataset, args, processing_class)
         if groups is None and args.loss_type != "ntp" and args.confidence_path is not None:
             from .data import read_confidence
 
@@ -227,6 +233,17 @@ class SFTMixTrainer(SFTTrainer):
             self.online_nll = defaultdict(list)
             self.data_collator = _CollatorWithIds(self.data_collator)
 
+    @staticmethod
+    def _tokenised_eval(eval_dataset, args, tokenizer):
+        if isinstance(eval_dataset, dict):
+            return {name: _tokenised(part, args, tokenizer) for name, part in eval_dataset.items()}
+        return None if eval_dataset is None else _tokenised(eval_dataset, args, tokenizer)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """As SFTTrainer's, with a raw evaluation set tokenised as the training set is (not by TRL)."""
+        eval_dataset = self._tokenised_eval(eval_dataset, self.args, self.processing_class)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
     def _group_indices(self, groups: dict[str, str] | None) -> tuple[list[int], list[int]]:
         if groups is None:
             raise InputError(
@@ -248,14 +265,17 @@ class SFTMixTrainer(SFTTrainer):
         if not self.mixing:
             return super().get_train_dataloader()
         confident, unconfident = self._balanced_groups
-        sampler = BalancedBatchSampler(confident, unconfident, self._train_batch_size, seed=self.args.seed)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed  # as Trainer's sampler
+        sampler = BalancedBatchSampler(confident, unconfident, self._train_batch_size, seed=seed)
         dataset = self._remove_unused_columns(self.train_dataset, description="training")
-        loader = DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
+        args = self.args
+        loader = DataLoader(  # Trainer's dataloader settings (`_get_dataloader`), with the balanced batch sampler
+            dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor, in_order=args.dataloader_in_order,
+            worker_init_fn=functools.partial(seed_worker, num_workers=args.dataloader_num_workers,
+                                             rank=args.process_index),
         )
         # Each rank receives whole balanced batches (BatchSamplerShard hands out batches round-robin).
         return self.accelerator.prepare(loader)
@@ -424,7 +444,7 @@ class SFTMixTrainer(SFTTrainer):
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         if not distributed.is_main():  # Trainer calls this on every rank: not a collective
             return
-        write_model_card(Path(self.args.output_dir), self.args)
+        write_model_card(Path(self.args.output_dir), self.args, *self._card)
 
 
 def _model_and_tokenizer(model, args: SFTMixConfig, tokenizer):
@@ -436,15 +456,19 @@ def _model_and_tokenizer(model, args: SFTMixConfig, tokenizer):
         resize_for_tokenizer,
         resolve_model_path,
         set_chat_template,
+        set_eos_token,
         training_init_kwargs,
     )
 
     path = resolve_model_path(model if isinstance(model, str) else args.model_name_or_path) if (
         model is None or isinstance(model, str)) else model.name_or_path
     if tokenizer is None:
-        tokenizer = load_tokenizer(path, args.trust_remote_code, args.chat_template_path)
-    elif args.chat_template_path is not None:
-        set_chat_template(tokenizer, args.chat_template_path)
+        tokenizer = load_tokenizer(path, args.trust_remote_code, args.chat_template_path, args.eos_token,
+                                   args.model_revision)
+    elif not getattr(tokenizer, "sftmix_prepared", False):  # the caller's own tokenizer: as load_tokenizer does
+        if args.chat_template_path is not None:
+            set_chat_template(tokenizer, args.chat_template_path)
+        set_eos_token(tokenizer, args.eos_token)
     if model is None or isinstance(model, str):
         model = load_model(path, **training_init_kwargs(args))
     resize_for_tokenizer(model, tokenizer)
@@ -457,7 +481,13 @@ def _tokenised(dataset, args: SFTMixConfig, tokenizer, max_examples: int | None 
     data path of the CLI and the API: same tokenisation, assistant-only masking, truncation and ids."""
     from .data import build_dataset
 
-    if dataset is not None and "input_ids" in getattr(dataset, "column_names", ()):
+    columns = set(getattr(dataset, "column_names", ()) or ())
+    if "input_ids" in columns:
+        needed = {"input_ids", "labels"} | ({"id"} if args.loss_type != "ntp" else set())
+        if not needed <= columns:
+            raise InputError(f"a tokenised dataset needs the columns {sorted(needed)} (labels: -100 where "
+                             f"unsupervised; id: to join the confidence split), it has {sorted(columns)}; or pass the "
+                             "raw rows (chat messages, Alpaca, prompt/completion, ShareGPT) and sftmix tokenises them")
         return dataset
     built, report = build_dataset(dataset, tokenizer, args.max_length, max_examples, args.dataset_split,
                                   args.truncation)
@@ -665,11 +695,14 @@ Load it with `AutoModelForCausalLM.from_pretrained("{name}")`.
 """
 
 
-def write_model_card(output_dir: Path, args: SFTMixConfig) -> None:
+def write_model_card(output_dir: Path, args: SFTMixConfig, base_model: str | None = None,
+                     dataset: str | None = None) -> None:
+    """README.md of a saved model; `base_model` and `dataset` name what the trainer was given (default: args')."""
     ntp_weight, mixup_weight = args.loss_weights
     write_atomic(output_dir / "README.md", MODEL_CARD.format(
-        name=output_dir.name, base_model=args.model_name_or_path or "SmolLM2-135M-Instruct (embedded default)",
-        dataset=args.dataset_path or "ShareGPT V3 (embedded default)", loss_type=args.loss_type,
+        name=output_dir.name,
+        base_model=base_model or args.model_name_or_path or "SmolLM2-135M-Instruct (embedded default)",
+        dataset=dataset or args.dataset_path or "ShareGPT V3 (embedded default)", loss_type=args.loss_type,
         ntp_weight=ntp_weight, mixup_weight=mixup_weight, alpha=args.mixup_alpha, lambda_per=args.mixup_lambda_per,
         confidence=args.confidence_path, lr=args.learning_rate, scheduler=args.lr_scheduler_type,
         warmup=args.warmup_steps, epochs=args.num_train_epochs, max_steps=args.max_steps,

@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_the_core_imports_neither_trl_nor_transformers():
-    code = ("import sys, sftmix; from sftmix import BalancedBatchSampler, sftmix_loss, sample_lambda, confidence; "
+    code = ("import sys, sftmix; from sftmix import BalancedBatchSampler, sftmix_loss, sample_lambda, mean_confidence; "
             "print(sorted(m for m in ('trl', 'transformers', 'datasets') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -98,3 +98,26 @@ def test_the_readme_own_loop_runs_and_its_loss_is_the_trainers(tiny_model_dir, t
     trainer.model.train()
     expected = trainer.compute_loss(trainer.model, batch)
     assert float(namespace["loss"].total) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_what_the_api_cannot_read_is_one_clear_error(tiny_model_dir, chat_data, tmp_path):
+    from sftmix.errors import InputError
+
+    data, confidence = chat_data
+    args = SFTMixConfig(output_dir=str(tmp_path / "o"), datasets=[{"path": str(data)}], loss_type="ntp", use_cpu=True)
+    with pytest.raises(InputError, match="SFTMixTrainer reads args.dataset_path only"):
+        SFTMixTrainer(model=str(tiny_model_dir), args=args)
+    tokenised = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "attention_mask": [[1, 1, 1]]})
+    with pytest.raises(InputError, match=r"a tokenised dataset needs the columns \['input_ids', 'labels'\]"):
+        SFTMixTrainer(model=str(tiny_model_dir), args=SFTMixConfig(output_dir=str(tmp_path / "o"), loss_type="ntp",
+                                                                   use_cpu=True), train_dataset=tokenised)
+
+
+def test_a_raw_evaluation_set_is_tokenised_as_the_training_set(tiny_model_dir, chat_data, tmp_path):
+    data, confidence = chat_data
+    raw = datasets.load_dataset("json", data_files=str(data), split="train")
+    args = SFTMixConfig(output_dir=str(tmp_path / "o"), confidence_path=str(confidence), use_cpu=True,
+                        per_device_eval_batch_size=4, max_length=48)
+    trainer = SFTMixTrainer(model=str(tiny_model_dir), args=args, train_dataset=raw)
+    metrics = trainer.evaluate(raw.select(range(4)))  # raw rows: through sftmix's data path, not TRL's
+    assert metrics["eval_loss"] > 0 and metrics["eval_ntp_loss"] == pytest.approx(metrics["eval_loss"])

@@ -159,9 +159,6 @@ def test_unservable_launches_are_refused_before_any_work(monkeypatch):
         distributed.check_launch(config)
     monkeypatch.setenv("FSDP_VERSION", "2")
     distributed.check_launch(config)
-    config.accelerator_config.split_batches = True
-    with pytest.raises(InputError, match="split_batches"):
-        distributed.check_launch(config)
     monkeypatch.setenv("PARALLELISM_CONFIG_TP_SIZE", "2")
     with pytest.raises(InputError, match="tensor / context / sequence parallelism"):
         distributed.check_launch(config)

@@ -134,12 +134,10 @@ def test_without_a_mixing_variant_there_is_no_stage_1_and_mixup_settings_change_
     assert (directory / "ntp-seed5" / "model.safetensors").stat().st_mtime_ns != stamp  # retrained
 
 
-def test_stages_do_not_inherit_the_runs_resume_from_checkpoint(tiny_model_dir, run_data, tmp_path):
-    from sftmix.pipeline import _stage_config
-
-    config = run_config(tmp_path, tiny_model_dir, run_data, resume_from_checkpoint=str(tmp_path / "elsewhere"))
-    stage = _stage_config(SFTMixConfig, config, output_dir=str(tmp_path / "stage"), loss_type="ntp")
-    assert stage.resume_from_checkpoint is None
+def test_run_refuses_resume_from_checkpoint(tiny_model_dir, run_data, tmp_path):
+    """Every stage resumes from its own checkpoints: one checkpoint for the whole run would be the wrong one."""
+    with pytest.raises(InputError, match="`sftmix run` resumes every stage from its own checkpoints"):
+        run_config(tmp_path, tiny_model_dir, run_data, resume_from_checkpoint=str(tmp_path / "elsewhere"))
 
 
 def test_official_scorer_is_a_stage_of_its_own(tiny_model_dir, run_data, tmp_path, monkeypatch):

@@ -79,12 +79,13 @@ def tiny(tiny_model_dir, tiny_data, tmp_path, config_class=SFTMixConfig, name="o
 
 
 def test_default_warm_up_reaches_the_scheduler(tiny_model_dir, tiny_data, tmp_path):
-    """No warm-up setting: the paper's 0.1 of the steps (1 of 10), then the cosine decay from the peak."""
+    """No warm-up setting: the paper's 0.1 of the steps (1 of 10), then transformers' cosine decay from the peak,
+    lr * (1 + cos(pi * progress)) / 2, as read from the optimizer each step."""
     recorder = Recorder()
     train(tiny(tiny_model_dir, tiny_data, tmp_path), callbacks=[recorder])
     lrs = recorder.lrs["out"]
-    assert len(lrs) == 10 and lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-2)
-    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] < 1e-3
+    assert len(lrs) == 10 and lrs[0] == 0.0
+    assert lrs[1:] == pytest.approx([1e-2 * (1 + math.cos(math.pi * (step - 1) / 9)) / 2 for step in range(1, 10)])
 
 
 @pytest.mark.parametrize("warmup, expected_first", [(0.3, [0.0, 1 / 3, 2 / 3, 1.0]), (2, [0.0, 0.5, 1.0])])
@@ -109,16 +110,21 @@ SHIPPED = sorted([*REPOSITORY.glob("configs/*.yaml"), *REPOSITORY.glob("configs/
                   REPOSITORY / "sftmix" / "quickstart.yaml"])
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: path.name)
-def test_every_shipped_config_warms_up(path, tiny_model_dir, tiny_data, tmp_path):
-    """The config's schedule settings (learning rate, scheduler, warm-up) on a real 10-step training."""
-    values = yaml.safe_load(path.read_text())
-    schedule = {key: values[key] for key in ("learning_rate", "lr_scheduler_type", "warmup_steps") if key in values}
-    recorder = Recorder()
-    train(tiny(tiny_model_dir, tiny_data, tmp_path, loss_type="ntp", **schedule), callbacks=[recorder])
-    peak = schedule.get("learning_rate", SFTMixConfig.learning_rate)
-    lrs = recorder.lrs["out"]
-    assert lrs[0] == 0.0 and 0 < max(lrs) == pytest.approx(peak) and lrs.index(max(lrs)) == 1
+def test_every_shipped_config_warms_up(tiny_model_dir, tiny_data, tmp_path):
+    """Each config's schedule settings (learning rate, scheduler, warm-up) on a real 10-step training (one training
+    per distinct schedule): the first step at 0, the peak the config's learning rate, reached after the warm-up."""
+    schedules = {}
+    for path in SHIPPED:
+        values = yaml.safe_load(path.read_text())
+        schedule = {key: values[key] for key in ("learning_rate", "lr_scheduler_type", "warmup_steps") if key in values}
+        schedules.setdefault(json.dumps(schedule, sort_keys=True), []).append(path.name)
+    assert len(SHIPPED) == 6 and len(schedules) < len(SHIPPED)
+    for number, (schedule, names) in enumerate(schedules.items()):
+        recorder, schedule = Recorder(), json.loads(schedule)
+        train(tiny(tiny_model_dir, tiny_data, tmp_path, name=f"s{number}", loss_type="ntp", max_steps=4, **schedule),
+              callbacks=[recorder])
+        lrs, peak = recorder.lrs[f"s{number}"], schedule.get("learning_rate", SFTMixConfig.learning_rate)
+        assert lrs[0] == 0.0 and lrs[1] == pytest.approx(peak) and max(lrs) == lrs[1], names
 
 
 def final_weights(config) -> dict[str, torch.Tensor]:
@@ -129,8 +135,10 @@ def final_weights(config) -> dict[str, torch.Tensor]:
 
 def test_weight_decay_shrinks_the_weights(tiny_model_dir, tiny_data, tmp_path):
     # Adam's step size hardly depends on the gradient; decoupled decay pulls every weight towards 0 on top of it
-    plain = final_weights(tiny(tiny_model_dir, tiny_data, tmp_path, name="wd0", loss_type="ntp", weight_decay=0.0))
-    decayed = final_weights(tiny(tiny_model_dir, tiny_data, tmp_path, name="wd5", loss_type="ntp", weight_decay=5.0))
+    plain = final_weights(tiny(tiny_model_dir, tiny_data, tmp_path, name="wd0", loss_type="ntp", weight_decay=0.0,
+                               max_steps=4))
+    decayed = final_weights(tiny(tiny_model_dir, tiny_data, tmp_path, name="wd20", loss_type="ntp", weight_decay=20.0,
+                                 max_steps=4))
     norm = lambda weights: sum(float(w.float().norm()) for name, w in weights.items() if "proj" in name)  # noqa: E731
     assert norm(decayed) < 0.9 * norm(plain)
 
@@ -178,7 +186,7 @@ def refused(capsys, *argv) -> str:
     (["--report_to", "tensorboard"], "--report_to tensorboard needs its package: pip install tensorboard"),
     (["--report_to", "nonsense"], "--report_to nonsense: unknown"),
     (["--use_liger_kernel", "true"], "--use_liger_kernel is not supported"),
-    (["--assistant_only_loss", "false"], "--assistant_only_loss false is not supported"),
+    (["--assistant_only_loss", "false"], "--assistant_only_loss false (TRL's default) is not supported"),
     (["--completion_only_loss", "false"], "--completion_only_loss false is not supported"),
     (["--packing", "true"], "--packing is not supported"),
     (["--dataset_text_field", "text2"], "--dataset_text_field: sftmix trains on conversations"),
@@ -271,6 +279,26 @@ class FakeHub:
         self.Api = Api
 
 
+def test_push_to_hub_of_a_full_training_leaves_the_token_file_out_and_a_failure_is_one_line(
+        tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.Api)
+    config = tiny(tiny_model_dir, tiny_data, tmp_path, max_steps=2, push_to_hub=True, hub_token="hf_secret_value")
+    output_dir = train(config)
+    (repo, sent), = hub.uploads
+    assert repo == "me/out" and "model.safetensors" in sent
+    assert (output_dir / "training_args.bin").exists() and "training_args.bin" not in sent  # it holds the token
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no route to the hub")
+
+    monkeypatch.setattr(hub.Api, "upload_folder", unreachable)
+    with pytest.raises(InputError, match=r"the model is saved in .*out, but pushing it to out failed"):
+        train(tiny(tiny_model_dir, tiny_data, tmp_path, name="out", max_steps=3, push_to_hub=True))
+
+
 def test_push_to_hub_sends_the_finished_merged_cast_model(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     import huggingface_hub
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -324,15 +352,26 @@ def test_help_puts_sftmix_first_and_says_what_sftmix_does(capsys):
     assert "Always true in sftmix" in " ".join(assistant.split())
 
 
-def test_cosine_schedule_matches_transformers_formula(tiny_model_dir, tiny_data, tmp_path):
-    """The recorded rates follow lr * 0.5 * (1 + cos(pi * progress)) after the warm-up: the scheduler is
-    transformers', fed by the config (a check that the recorder reads the rates the optimizer used)."""
-    recorder = Recorder()
-    train(tiny(tiny_model_dir, tiny_data, tmp_path, loss_type="ntp", warmup_steps=2), callbacks=[recorder])
-    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 8)) for step in range(2, 10)]
-    assert recorder.lrs["out"][2:] == pytest.approx(expected)
+@pytest.mark.parametrize("overrides, message", [
+    ({"loss_type": "ntp", "eval_packing": True}, "--eval_packing is not supported"),
+    ({"accelerator_config": {"split_batches": True}}, "split_batches would cut each balanced"),
+    ({"accelerator_config": '{"split_batches": true}'}, "split_batches would cut each balanced"),
+    ({"parallelism_config": types.SimpleNamespace(tp_size=2)}, "--parallelism_config: tensor, context"),
+])
+def test_refusals_are_start_up_checks_of_the_config(overrides, message, tmp_path):
+    with pytest.raises(InputError, match=message):
+        SFTMixConfig(output_dir=str(tmp_path), **overrides)
+    SFTMixConfig(output_dir=str(tmp_path), loss_type="ntp", accelerator_config={"split_batches": True})  # NTP: fine
 
 
-def test_refusals_are_start_up_checks_of_the_config(tmp_path):
-    with pytest.raises(InputError, match="--eval_packing is not supported"):
-        SFTMixConfig(output_dir=str(tmp_path), loss_type="ntp", eval_packing=True)
+def test_trl_command_line_spellings_still_parse(tmp_path, capsys, monkeypatch):
+    """`--no_gradient_checkpointing` (TRL's parser has it), YAML merge keys, and Trainer's `--debug OPTION` beside
+    sftmix's bare `--debug`."""
+    config = cli._parse(SFTMixConfig, "sftmix train", ["--no_gradient_checkpointing", "--output_dir", str(tmp_path),
+                                                       "--loss_type", "ntp"])
+    assert config.activation_checkpointing is False
+    (tmp_path / "merge.yaml").write_text("common: &common\n  split: train\n"
+                                         "datasets:\n  - {<<: *common, path: a.jsonl}\n  - {<<: *common, path: b.jsonl}\n")
+    cli._check_yaml(str(tmp_path / "merge.yaml"), SFTMixConfig)
+    monkeypatch.chdir(tmp_path)
+    assert "--packing is not supported" in refused(capsys, "train", "--debug", "underflow_overflow", "--packing", "true")
