@@ -61,7 +61,8 @@ def test_a_raw_dataset_through_the_api_trains_what_sftmix_train_trains(tiny_mode
     from_cli = json.loads((tmp_path / "cli" / "trainer_state.json").read_text())["log_history"]
 
     raw = datasets.load_dataset("json", data_files=str(data), split="train")  # what a TRL user has in hand
-    args = SFTMixConfig(output_dir=str(tmp_path / "api"), confidence_path=str(confidence), per_device_train_batch_size=4,
+    args = SFTMixConfig(output_dir=str(tmp_path / "api"), confidence_path=str(confidence),
+                        per_device_train_batch_size=4,
                         max_steps=2, learning_rate=1e-3, logging_steps=1, save_strategy="no", use_cpu=True,
                         max_length=48, disable_tqdm=True)
     trainer = SFTMixTrainer(model=str(tiny_model_dir), args=args, train_dataset=raw)
@@ -81,7 +82,8 @@ def test_the_readme_own_loop_runs_and_its_loss_is_the_trainers(tiny_model_dir, t
     SFTMixTrainer's on the same batch, and its step changes the weights."""
     from transformers import AutoModelForCausalLM
 
-    data = write_jsonl(tmp_path / "data.jsonl", [json.loads(line) for line in tiny_data[0].read_text().splitlines()][:8])
+    rows = [json.loads(line) for line in tiny_data[0].read_text().splitlines()]
+    data = write_jsonl(tmp_path / "data.jsonl", rows[:8])
     confidence = write_groups(tmp_path / "confidence.jsonl", [f"e{index}" for index in range(8)])
     namespace = {"MODEL": str(tiny_model_dir), "DATA": str(data), "CONFIDENCE": str(confidence)}
     exec(compile(own_loop_example(), "README.md", "exec"), namespace)
