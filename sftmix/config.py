@@ -480,11 +480,7 @@ class RunConfig(_EvalFields, _DynamicsFields, SFTMixConfig):
                   "train without noise."},
     )
     loss_type: str | None = field(
-        default=None,
-        metadata={"help": "Deprecated in `sftmix run` (use --variants): trains this loss in place of `sftmix`."},
-    )
-    no_baseline: bool = field(
-        default=False, metadata={"help": "Deprecated (use --variants without ntp): leaves `ntp` out of variants."}
+        default=None, metadata={"help": "Not for `sftmix run`, which trains --variants (e.g. --variants ntp equal)."}
     )
     seeds: list[int] = field(
         default_factory=lambda: [42],
@@ -515,7 +511,10 @@ class RunConfig(_EvalFields, _DynamicsFields, SFTMixConfig):
     judge_model: str | None = field(default=None, metadata={"help": "Model name of the pairwise judge."})
 
     def __post_init__(self):
-        self.variants = resolve_variants(self.variants, self.loss_type, self.no_baseline)
+        if self.loss_type is not None:
+            raise InputError(f"--loss_type is for `sftmix train`; `sftmix run` trains --variants (e.g. --variants ntp "
+                             f"{self.loss_type if self.loss_type in VARIANTS else 'sftmix'})")
+        self.variants = resolve_variants(self.variants)
         if "neftune" in self.variants and not (self.neftune_noise_alpha or 0) > 0:
             raise InputError(f"the neftune variant needs neftune_noise_alpha > 0, got {self.neftune_noise_alpha}")
         # SFTMixConfig checks the batch (even for balanced batches) against one loss type: the strictest one used.
@@ -539,32 +538,14 @@ class RunConfig(_EvalFields, _DynamicsFields, SFTMixConfig):
         return [variant for variant in self.variants if VARIANT_LOSS_TYPES[variant] != "ntp"]
 
 
-def resolve_variants(variants: list[str], loss_type: str | None, no_baseline: bool) -> list[str]:
-    """Validate `--variants` and fold in the deprecated `loss_type` / `no_baseline` of earlier `sftmix run`s.
-
-    Before `--variants`, `sftmix run` trained `loss_type` in the `sftmix-seed<S>` stage, plus an NTP
-    baseline unless `no_baseline`. Now `loss_type: X` replaces `sftmix` in the variants by X, and
-    `no_baseline` drops `ntp`; both warn.
-    """
-    import logging
-
-    logger = logging.getLogger(__name__)
+def resolve_variants(variants: list[str]) -> list[str]:
+    """`--variants` without repeats, in the order given; an unknown one is refused."""
     unknown = [variant for variant in variants if variant not in VARIANTS]
     if unknown:
         raise InputError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-    chosen = list(dict.fromkeys(variants))  # drop repeats, keep the order
-    if loss_type is not None:
-        if loss_type not in LOSS_TYPES:
-            raise InputError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        logger.warning("`loss_type` is deprecated in `sftmix run`: use --variants (e.g. --variants ntp %s)", loss_type)
-        if "sftmix" in chosen:
-            chosen = list(dict.fromkeys(loss_type if variant == "sftmix" else variant for variant in chosen))
-    if no_baseline:
-        logger.warning("`no_baseline` is deprecated: use --variants without ntp")
-        chosen = [variant for variant in chosen if variant != "ntp"]
-    if not chosen:
-        raise InputError(f"no variant left to train: give --variants (one or more of {', '.join(VARIANTS)})")
-    return chosen
+    if not variants:
+        raise InputError(f"no variant to train: give --variants (one or more of {', '.join(VARIANTS)})")
+    return list(dict.fromkeys(variants))
 
 
 @dataclass

@@ -63,6 +63,22 @@ def write_groups(path: Path, ids: list[str]) -> Path:
     return write_jsonl(path, rows)
 
 
+OPT_IN = ("slow", "gpu")  # markers whose tests run only when -m names them
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the opt-in tests unless `-m` asks for them, so `-m integration` / `-m "not integration"` pick a
+    tier of the default suite."""
+    wanted = config.getoption("markexpr") or ""
+    kept, left_out = [], []
+    for item in items:
+        opt_in = [name for name in OPT_IN if item.get_closest_marker(name)]
+        (left_out if any(name not in wanted for name in opt_in) else kept).append(item)
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Tokenised-data and model caches go to a temporary folder, not the user's ~/.cache/sftmix.

@@ -21,9 +21,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_the_core_imports_neither_trl_nor_transformers():
     code = ("import sys, sftmix; from sftmix import BalancedBatchSampler, sftmix_loss, sample_lambda, mean_confidence; "
-            "print(sorted(m for m in ('trl', 'transformers', 'datasets') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+            "print(sorted(m for m in ('trl', 'transformers', 'datasets') if m in sys.modules)); import sftmix.data; "
+            "print(sorted(m for m in ('trl', 'sftmix.cli') if m in sys.modules))")  # data: no TRL, and nothing
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # imports cli
+    assert result.stdout.split() == ["[]", "[]"]
     from sftmix import SFTMixConfig as Config
     from sftmix import SFTMixTrainer as Trainer
     from sftmix import build_dataset as build

@@ -8,6 +8,8 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.integration  # launches, CLI subprocesses, end-to-end runs
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

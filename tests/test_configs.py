@@ -66,6 +66,7 @@ def test_paper_recipe(name, cluster_inputs):
     assert all(number in text.split("\n\n")[0] for number in expected)  # the paper's numbers in the header
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["llama-3.1-8b-alpaca", "mistral-7b-alpaca"])
 def test_paper_recipe_launch_starts_eight_processes(name, tmp_path):
     """The header's `accelerate launch`, run here: 8 processes start, each in a world of 8 (`launch` counts them),

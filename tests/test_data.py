@@ -344,14 +344,6 @@ def test_read_confidence(tmp_path):
         read_confidence(tmp_path / "missing.jsonl")
 
 
-def test_data_and_losses_do_not_import_trl():
-    import subprocess
-    import sys
-
-    code = "import sys, sftmix.data, sftmix.losses; sys.exit('trl' in sys.modules or 'sftmix.cli' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-
-
 def test_tokenised_data_is_cached_and_keyed(tmp_path, tokenizer, monkeypatch):
     import sftmix.data as data_module
 

@@ -32,6 +32,8 @@ from sftmix.files import read_jsonl
 from sftmix.model import loadable_checkpoint
 from sftmix.pipeline import dynamics, run, train
 
+pytestmark = pytest.mark.integration  # launches, CLI subprocesses, end-to-end runs
+
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
 CPU_LAUNCH = Path(__file__).resolve().parent / "cpu_launch"

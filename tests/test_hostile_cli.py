@@ -27,6 +27,7 @@ def assert_one_clear_line(result_code, stderr, *expected):
         assert text in errors[0], errors[0]
 
 
+@pytest.mark.integration
 def test_bad_number_is_refused_before_the_model_is_even_looked_for(tmp_path):
     """Real CLI: --mixup_weight -0.5 with a model path that does not exist: the number is the error."""
     result = sftmix(["train", "--model_name_or_path", str(tmp_path / "nope"), "--mixup_weight", "-0.5",
@@ -34,6 +35,7 @@ def test_bad_number_is_refused_before_the_model_is_even_looked_for(tmp_path):
     assert_one_clear_line(result.returncode, result.stderr, "--mixup_weight must be a finite number >= 0", "-0.5")
 
 
+@pytest.mark.integration
 def test_non_utf8_dataset_names_file_and_line(tiny_model_dir, tmp_path):
     """Real CLI: a Latin-1 byte on line 2 of the data."""
     path = tmp_path / "latin.jsonl"
@@ -56,6 +58,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount_point)], check=True)
 
 
+@pytest.mark.integration
 def test_full_disk_is_one_clear_line(small_disk, tiny_model_dir, tiny_data, tmp_path):
     """Real CLI, real full disk: torch.save and safetensors fail in their own words; the user reads one line."""
     result = sftmix(["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tiny_data[0]),
@@ -66,6 +69,7 @@ def test_full_disk_is_one_clear_line(small_disk, tiny_model_dir, tiny_data, tmp_
     assert "Model saved" not in result.stdout
 
 
+@pytest.mark.integration
 def test_debug_keeps_the_traceback(tmp_path):
     """Real CLI: SFTMIX_DEBUG=1 re-raises, so the traceback is there."""
     result = sftmix(["eval", "--model", str(tmp_path / "missing"), "--dataset", "d.jsonl"], cwd=tmp_path,
@@ -119,6 +123,7 @@ def test_cli_cases_exit_2_with_one_line(case, tiny_model_dir, tmp_path, capsys, 
     assert_one_clear_line(code, capsys.readouterr().err, *([expected] if expected else []))
 
 
+@pytest.mark.integration
 def test_refused_run_leaves_nothing_behind(tmp_path):
     """Real CLI: a bad number is refused at start-up; no output directory is created."""
     result = sftmix(["dynamics", "--split_ratio", "1.5", "--output_dir", "dyn"], cwd=tmp_path)

@@ -101,7 +101,7 @@ def test_broken_replies_land_under_failed_and_the_report_says_how_many(hostile_j
     (tmp_path / "judge" / "seed5.json").write_text(json.dumps(result))
     summary = report.judge_summary(tmp_path, [5])
     assert summary == {"seed5": {"judged": 2, "failed": 1, "sftmix_win_rate": result["sftmix_win_rate"]}}
-    config = SimpleNamespace(no_baseline=False, model_name_or_path="m", dataset_path="d", max_length=64,
+    config = SimpleNamespace(model_name_or_path="m", dataset_path="d", max_length=64,
                              loss_type="sftmix", mixup_weight=0.2, mixup_alpha=0.5, seeds=[5])
     metrics = {"data": {"train": 8, "heldout": 2}, "table": [], "judge": summary,
                "split": {"confident": {"count": 4}, "unconfident": {"count": 4}, "all": {"median": -3.0}}}

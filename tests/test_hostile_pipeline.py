@@ -15,6 +15,8 @@ from sftmix import pipeline
 from sftmix.config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from sftmix.errors import InputError
 
+pytestmark = pytest.mark.integration  # launches, CLI subprocesses, end-to-end runs
+
 HOLDER = "import sys, time; from sftmix.files import OutputLock; lock = OutputLock(sys.argv[1]); lock.acquire(); " \
          "print('held', flush=True); time.sleep(600)"
 
@@ -105,14 +107,14 @@ def test_run_directory_spelled_another_way_redoes_nothing(tiny_model_dir, tmp_pa
 
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", make_conversations(20, seed=4))
-    relative = run_config(tmp_path, tiny_model_dir, "data.jsonl", no_baseline=True, output_dir="o/R",
+    relative = run_config(tmp_path, tiny_model_dir, "data.jsonl", variants=["sftmix"], output_dir="o/R",
                           num_generations=1)
     pipeline.run(relative)
     model = tmp_path / "o" / "R" / "sftmix-seed5" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     for spelling in (str(tmp_path / "o" / "R"), "o/R", "./o/../o/R"):
         caplog.clear()
-        pipeline.run(run_config(tmp_path, tiny_model_dir, str(tmp_path / "data.jsonl"), no_baseline=True,
+        pipeline.run(run_config(tmp_path, tiny_model_dir, str(tmp_path / "data.jsonl"), variants=["sftmix"],
                                 output_dir=spelling, num_generations=1))
         skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
         assert len(skipped) == 4, (spelling, [r.getMessage() for r in caplog.records])

@@ -11,6 +11,8 @@ from sftmix.config import VARIANT_LOSS_TYPES, VARIANTS, RunConfig, SFTMixConfig,
 from sftmix.errors import InputError
 from sftmix.pipeline import run, train
 
+pytestmark = pytest.mark.integration  # launches, CLI subprocesses, end-to-end runs
+
 
 def run_config(tmp_path, tiny_model_dir, data_path, name="run", **overrides):
     settings = dict(
@@ -219,18 +221,14 @@ def test_every_variant_trains_its_loss_on_the_same_data_and_settings(tiny_model_
     assert (directory / "data_map.png").stat().st_size > 5000
 
 
-def test_deprecated_loss_type_and_no_baseline_map_to_variants(caplog):
-    assert resolve_variants(["ntp", "sftmix"], None, False) == ["ntp", "sftmix"]
-    assert resolve_variants(["ntp", "sftmix"], "equal", False) == ["ntp", "equal"]  # old: the sftmix stage trained it
-    assert resolve_variants(["ntp", "sftmix"], None, True) == ["sftmix"]
-    assert resolve_variants(["sftmix", "ntp", "sftmix"], None, False) == ["sftmix", "ntp"]
-    caplog.clear()
-    assert resolve_variants(["ntp", "sftmix"], "ntp", False) == ["ntp"]
-    assert "`loss_type` is deprecated" in caplog.text
+def test_variants_are_checked_and_loss_type_is_for_train():
+    assert resolve_variants(["sftmix", "ntp", "sftmix"]) == ["sftmix", "ntp"]
     with pytest.raises(InputError, match="unknown variant"):
-        resolve_variants(["ntp", "dro"], None, False)
-    with pytest.raises(InputError, match="no variant left"):
-        resolve_variants(["ntp"], None, True)
+        resolve_variants(["ntp", "dro"])
+    with pytest.raises(InputError, match="no variant to train"):
+        RunConfig(output_dir="x", variants=[])
+    with pytest.raises(InputError, match=r"--loss_type is for `sftmix train`; .* --variants ntp equal"):
+        RunConfig(output_dir="x", loss_type="equal")
     with pytest.raises(InputError, match="neftune_noise_alpha"):
         RunConfig(output_dir="x", variants=["ntp", "neftune"], neftune_noise_alpha=0.0)
     # an odd batch is fine when nothing mixes, refused when a variant needs balanced batches

@@ -102,6 +102,7 @@ def test_errors_name_the_problem(records, tmp_path):
     assert not (tmp_path / "o.jsonl").exists()  # nothing half-written on error
 
 
+@pytest.mark.integration
 def test_select_command(records, tmp_path):
     _, data, confidence = records
     command = [sys.executable, "-m", "sftmix.cli", "select", "--dataset_path", str(data), "--confidence_path",
