@@ -323,3 +323,18 @@ def strip_training_state(checkpoint: Path) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+def refuse_writing_over_inputs(outputs: dict[str, str | Path], inputs: dict[str, Any]) -> None:
+    """Refuse, before any work, an output that is one of the inputs (the same file or folder however it is
+    spelled: ./x, a symlink, an absolute path): sftmix never writes over what the user owns.
+
+    outputs: option -> path written; inputs: option -> a path, a list of paths, or None."""
+    given = [(option, value) for option, values in inputs.items()
+             for value in (values if isinstance(values, (list, tuple)) else [values]) if isinstance(value, (str, Path))]
+    for out_option, output in outputs.items():
+        target = Path(output).expanduser().resolve()
+        for in_option, value in given:
+            if Path(value).expanduser().resolve() == target:
+                raise InputError(f"{out_option} {output} is {in_option} {value}: sftmix never writes over its inputs; "
+                                 f"choose another {out_option}")

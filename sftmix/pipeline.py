@@ -57,6 +57,7 @@ from .files import (
     model_identity,
     newest_complete_checkpoint,
     out_of_space,
+    refuse_writing_over_inputs,
     strip_training_state,
     write_atomic,
     write_jsonl,
@@ -234,6 +235,8 @@ def claims_output_dir(recipe):
 
     @functools.wraps(recipe)
     def claimed(config, *args, **kwargs):
+        refuse_writing_over_inputs(_outputs(config), {f"--{name}": getattr(config, name) for name in INPUT_PATHS
+                                                      if hasattr(config, name)})
         lock = OutputLock(config.output_dir)
         distributed.on_main(lock.acquire)
         try:
@@ -250,6 +253,21 @@ def claims_output_dir(recipe):
             lock.release()
 
     return claimed
+
+
+# Config fields that name files or folders a command reads: no output may be one of them.
+INPUT_PATHS = ("model_name_or_path", "model", "dataset_path", "dataset", "confidence_path", "confidence_dataset",
+               "eval_dataset_path", "eval_datasets", "checkpoints", "prompts", "generation_prompts",
+               "mt_bench_questions", "chat_template_path", "alpaca_eval_reference")
+
+
+def _outputs(config) -> dict[str, Path]:
+    """What a command writes that could be one of its inputs: its folder, and the files it makes there that a user
+    may pass back to it (a run's data split, a dynamics run's confidence file)."""
+    output_dir = Path(config.output_dir)
+    files = {RunConfig: ["data/train.jsonl", "data/heldout.jsonl"], DynamicsConfig: ["confidence.jsonl"]}
+    return {"--output_dir": output_dir, **{f"--output_dir's {name}": output_dir / name
+                                           for name in files.get(type(config), [])}}
 
 
 # --------------------------------------------------------------------------- train

@@ -31,7 +31,7 @@ from .data import (
     supervised_turns,
 )
 from .errors import InputError
-from .files import write_atomic, write_jsonl
+from .files import refuse_writing_over_inputs, write_atomic, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def choose(scores: dict[str, float], keep: str, count: int) -> list[str]:
 
 def select(config) -> dict[str, Any]:
     """Write the subset and its summary; returns the summary. `config` is a SelectConfig."""
+    refuse_writing_over_inputs({"--output": config.output, "--output's summary": summary_path(config.output)},
+                               {"--dataset_path": config.dataset_path, "--confidence_path": config.confidence_path})
     records, report = load_records(config.dataset_path or default_dataset_path(), config.dataset_split)
     if config.max_examples is not None:
         records = records[: config.max_examples]
