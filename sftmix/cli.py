@@ -238,8 +238,13 @@ def _compare_splits(argv: list[str]) -> int:
     parser.add_argument("first")
     parser.add_argument("second")
     args = parser.parse_args(argv)
-    agreement = split_agreement(read_confidence(args.first), read_confidence(args.second))
-    print(f"split agreement: {agreement:.4f} of shared examples in the same group")
+    first, second = read_confidence(args.first), read_confidence(args.second)
+    shared = len(first.keys() & second.keys())
+    agreement = split_agreement(first, second)
+    print(f"split agreement: {agreement:.4f} of the {shared} shared examples in the same group ({args.first}: "
+          f"{len(first)} examples, {args.second}: {len(second)})")
+    if shared < min(len(first), len(second)):
+        print(f"note: only {shared} of the examples are in both files; the rest are not compared", file=sys.stderr)
     return 0
 
 

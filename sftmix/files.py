@@ -31,6 +31,17 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_the_umask_says(staging: str | Path) -> None:
+    """mkstemp makes 0600 files; a result is as readable as any file the user's umask lets them create."""
+    os.chmod(staging, 0o666 & ~_umask())
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename: readers see the old file or the new one."""
     path = Path(path)
@@ -39,6 +50,7 @@ def write_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        _as_the_umask_says(staging)
         os.replace(staging, path)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
@@ -52,6 +64,7 @@ def copy_atomic(source: str | Path, target: str | Path) -> None:
     os.close(handle)
     try:
         shutil.copyfile(source, staging)
+        _as_the_umask_says(staging)
         os.replace(staging, target)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
@@ -69,6 +82,7 @@ def atomic_directory(target: str | Path, keep_existing: bool = False) -> Iterato
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
     try:
         yield staging
         if target.exists() and not keep_existing:
@@ -181,7 +195,7 @@ def model_identity(name_or_path: str | Path) -> dict[str, Any]:
 
 def cache_root() -> Path:
     """$SFTMIX_CACHE, else ~/.cache/sftmix: the converted default model and tokenised datasets."""
-    return Path(os.environ.get("SFTMIX_CACHE", Path.home() / ".cache" / "sftmix"))
+    return Path(os.environ.get("SFTMIX_CACHE") or Path.home() / ".cache" / "sftmix")  # set but empty: unset
 
 
 # --------------------------------------------------------------------------- output directories
@@ -244,7 +258,13 @@ class OutputLock:
             handle = open(self.path, "a+", encoding="utf-8")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # no flock here (NFS, Lustre)
+                    handle.close()
+                    logger.warning("%s: this filesystem does not lock files (%s); sftmix cannot tell whether "
+                                   "another run writes here: do not start two at once", self.directory,
+                                   err.strerror or err)
+                    return
                 handle.seek(0)
                 holder = handle.read().strip() or "holder unknown"
                 handle.close()
