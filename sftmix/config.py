@@ -573,6 +573,10 @@ class EvalConfig(_EvalFields):
     scoring_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per scoring batch."})
     use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is there."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    chat_template_path: str | None = field(
+        default=None, metadata={"help": "For a model whose tokenizer has no chat template: a .jinja file or a "
+                                "tokenizer directory whose template is used (as in `sftmix train`)."}
+    )
     dtype: str | None = field(
         default=None,
         metadata={"help": "Weights dtype for scoring and generation. None: bfloat16 on a GPU that supports it, "

@@ -69,6 +69,7 @@ class DataReport:
     skipped_records: dict[str, int] = field(default_factory=dict)  # reason -> count (incl. kept fixes)
     fingerprint: str = ""  # hash of the kept examples' ids and messages (which are kept depends on the tokenizer)
     source_fingerprint: str = ""  # hash of every record read (own ids and messages): tokenizer-independent
+    unordered_fingerprint: str = ""  # the same records in any order (a reordered file is the same data)
     unused_confidence_ids: int = 0  # ids of the confidence file with no example here (ignored)
 
     def skip(self, reason: str) -> None:
@@ -721,7 +722,7 @@ def build_dataset(
     return dataset, report
 
 
-TOKENIZATION_VERSION = 3  # part of the cache key: bump when tokenisation or filtering changes
+TOKENIZATION_VERSION = 4  # part of the cache key: bump when tokenisation or filtering changes
 
 
 def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, truncation="turns") -> Path | None:
@@ -798,10 +799,12 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
         records = records[:max_examples]
         report.source += f" (first {max_examples} records)"
     rows: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
-    fingerprint, source_fingerprint = hashlib.sha256(), hashlib.sha256()
+    fingerprint, source_fingerprint, record_digests = hashlib.sha256(), hashlib.sha256(), []
     progress = tqdm(records, desc="Tokenising", unit="ex", mininterval=2)
     for record, (messages, identifier) in zip(progress, messages_and_ids(records)):
-        source_fingerprint.update(json.dumps([record.data.get("id"), messages], ensure_ascii=False).encode("utf-8"))
+        record_text = json.dumps([record.data.get("id"), messages], ensure_ascii=False).encode("utf-8")
+        source_fingerprint.update(record_text)
+        record_digests.append(hashlib.sha256(record_text).hexdigest())
         if identifier is None:
             report.skip("no assistant reply to a user turn")
             continue
@@ -823,6 +826,7 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
     report.num_examples = len(rows["id"])
     report.fingerprint = fingerprint.hexdigest()[:16]
     report.source_fingerprint = source_fingerprint.hexdigest()[:16]
+    report.unordered_fingerprint = hashlib.sha256("".join(sorted(record_digests)).encode()).hexdigest()[:16]
     if not rows["id"]:
         raise DataError(f"{report.source}: no usable example ({report.summary()})")
     return datasets.Dataset.from_dict(rows), report

@@ -97,8 +97,11 @@ def _not_loadable(path: str, what: str, err: Exception) -> InputError:
     return InputError(f"{path}: cannot load the {what} ({where}): {first_line}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_path: str | None = None,
-                   eos_token: str | None = None, revision: str = "main"):
+                   eos_token: str | None = None, revision: str = "main", option: str = "--model_name_or_path"):
     """The model's tokenizer, with the chat template of `chat_template_path` and `trl sft`'s --eos_token when given.
 
     `chat_template_path` is a Jinja file (`.jinja` / `.j2`), read as the template, or a
@@ -108,11 +111,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_pat
     """
     from transformers import AutoTokenizer
 
-    check_model_path(path)
+    check_model_path(path, option)
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{option} {path}: the directory holds no tokenizer ({', '.join(TOKENIZER_FILES)}): a "
+                         "training still running or cut short? Pass a finished output directory (sftmix saves the "
+                         "tokenizer beside the weights)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                   **({"revision": revision} if revision != "main" else {}))
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a tokenizer file that is there but not whole
         raise _not_loadable(path, "tokenizer", err) from err
     if chat_template_path is not None:
         set_chat_template(tokenizer, chat_template_path)

@@ -335,7 +335,9 @@ def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, 
     produced_by = Path(confidence_path).with_name("dynamics.json")
     if produced_by.exists():
         dataset = json.loads(produced_by.read_text()).get("dataset", {})
-        name = next((key for key in ("source_fingerprint", "fingerprint") if dataset.get(key)), None)
+        # the records in any order (reordering changes no example), else in file order (files of older sftmix)
+        name = next((key for key in ("unordered_fingerprint", "source_fingerprint", "fingerprint")
+                     if dataset.get(key)), None)
         recorded = dataset.get(name) if name else None
         current = getattr(prepared.report, name) if name else None
         if recorded and recorded != current:
@@ -343,7 +345,7 @@ def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, 
             raise InputError(
                 f"the dataset changed since `sftmix dynamics` wrote {confidence_path} ({name} {recorded}, now "
                 f"{current}): {differing} ids differ"
-                + ("" if differing else " (same ids, different content)")
+                + ("" if differing else " (the same ids, other content)")
                 + ". Re-run `sftmix dynamics` on this dataset (with the same max_examples)."
             )
     unused = check_ids_match(prepared.dataset["id"], groups)
@@ -415,6 +417,9 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
 def check_split_counts(count: int, split_ratio: float) -> None:
     """Both groups must be non-empty for this many examples, or SFTMix has nothing to pair (refused before training)."""
     confident = int(count * split_ratio)
+    if count < 2:
+        raise InputError(f"the data has {count} usable example(s); the confidence split needs at least 2 (one "
+                         "confident, one unconfident): use more data (check max_examples and max_length)")
     if confident < 1 or confident >= count:
         raise InputError(
             f"split_ratio {split_ratio} over {count} examples gives {confident} confident and {count - confident} "
@@ -435,6 +440,7 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
         "online": config.online,
         "dataset": {"path": config.dataset_path or "embedded ShareGPT V3", "fingerprint": prepared.report.fingerprint,
                     "source_fingerprint": prepared.report.source_fingerprint,
+                    "unordered_fingerprint": prepared.report.unordered_fingerprint,
                     "max_length": config.max_length, "max_examples": config.max_examples,
                     "report": vars(prepared.report) | {"dropped_no_supervised_tokens":
                                                         len(prepared.report.dropped_no_supervised_tokens)}},
@@ -525,7 +531,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """
     from . import eval as ev
 
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template_path, option="--model")
     device = distributed.device(config.use_cpu)
     with distributed.unpartitioned_loading():  # every rank holds a whole model
         model = load_model(config.model, config.trust_remote_code, dtype=config.dtype or inference_dtype(device),

@@ -68,6 +68,15 @@ def test_split_ratio_leaving_a_group_empty_is_refused_before_training(tiny_model
         dynamics(config)
 
 
+def test_one_example_is_refused_with_advice_that_can_be_followed(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import make_conversations, write_jsonl
+
+    monkeypatch.setattr("sftmix.pipeline.build_trainer", lambda *a, **k: pytest.fail("training started"))
+    one = write_jsonl(tmp_path / "one.jsonl", make_conversations(1))
+    with pytest.raises(InputError, match=r"the data has 1 usable example\(s\); the confidence split needs at least 2"):
+        dynamics(dynamics_config(tmp_path, tiny_model_dir, one))
+
+
 # --------------------------------------------------------------------------- 3. stale results
 
 

@@ -183,3 +183,35 @@ def test_eval_of_a_missing_model_directory_names_the_path(tiny_data, tmp_path):
     with pytest.raises(InputError, match=r"no-such-model: no such directory"):
         evaluate(EvalConfig(model=str(tmp_path / "no-such-model"), dataset=[str(tiny_data[0])], use_cpu=True,
                             output_dir=str(tmp_path / "ev")))
+
+
+def test_eval_of_a_training_cut_before_its_tokenizer_is_one_line_naming_model(tiny_model_dir, tiny_data, tmp_path):
+    """A folder with only config.json, or with the weights but not yet the tokenizer (a training killed as it saved):
+    the message names --model (eval's option) and what is missing."""
+    import shutil
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", partial)
+    for stage in ("config only", "weights, no tokenizer"):
+        if stage == "weights, no tokenizer":
+            shutil.copy(tiny_model_dir / "model.safetensors", partial)
+        with pytest.raises(InputError, match=r"--model .*partial: the directory holds no tokenizer"):
+            evaluate(EvalConfig(model=str(partial), dataset=[str(tiny_data[0])], use_cpu=True,
+                                output_dir=str(tmp_path / "ev")))
+
+
+def test_eval_takes_the_chat_template_its_advice_names(tiny_model_dir, tiny_data, tmp_path):
+    from conftest import CHATML, model_variant
+
+    bare = model_variant(tiny_model_dir, tmp_path / "bare")
+    config_file = bare / "tokenizer_config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k != "chat_template"}))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(InputError, match="set one with --chat_template_path"):
+        evaluate(EvalConfig(model=str(bare), dataset=[str(tiny_data[0])], use_cpu=True, output_dir=str(tmp_path / "a")))
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    metrics = evaluate(EvalConfig(model=str(bare), dataset=[str(tiny_data[0])], use_cpu=True, max_length=64,
+                                  output_dir=str(tmp_path / "b"), chat_template_path=str(tmp_path / "chatml.jinja")))
+    assert metrics["likelihood"]["data"]["num_examples"] == 16
