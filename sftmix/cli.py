@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(err, "quiet", False):  # quiet: another rank printed the same message
             print(f"sftmix {command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"sftmix {command}: interrupted; run the same command again to resume from its newest complete "
+              "checkpoint (finished stages and checkpoints are kept)", file=sys.stderr)
+        return 130
     except FailedOnMain:
         # Rank 0 failed in work it did for every rank and shows its own traceback; this rank says nothing more.
         if debug:

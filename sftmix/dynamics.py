@@ -77,6 +77,11 @@ class SaveEvenlySpaced(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.steps = {max(1, round(k * state.max_steps / self.count)) for k in range(1, self.count + 1)}
+        if len(self.steps) < self.count and distributed.is_main():
+            logger.warning("--num_checkpoints %d, but the reference run has %d step(s): %d checkpoint(s) are scored%s; "
+                           "train it longer (num_train_epochs) or ask for fewer", self.count, state.max_steps,
+                           len(self.steps), " and the variability of every example is 0" if len(self.steps) == 1
+                           else "")
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in self.steps:

@@ -192,3 +192,10 @@ def test_truncation_keys_each_checkpoints_scores(tiny_model_dir, tiny_data, tmp_
     dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)],
                              truncation="right"))
     assert "computed with other settings (truncation: \"turns\" -> \"right\")" in caplog.text
+
+
+def test_more_checkpoints_than_steps_is_said(tiny_model_dir, tiny_data, tmp_path, caplog):
+    output_dir = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1,
+                                          num_checkpoints=8))  # 16 examples / 4 = 4 steps
+    assert "--num_checkpoints 8, but the reference run has 4 step(s): 4 checkpoint(s) are scored" in caplog.text
+    assert len(__import__("json").loads((output_dir / "dynamics.json").read_text())["checkpoints"]) == 4

@@ -283,3 +283,42 @@ def test_nan_in_an_evaluation_is_named_as_the_evaluation(tiny_model_dir, tiny_da
     with pytest.raises(InputError, match=r"evaluation at step 0 failed: the NTP loss on the evaluation set "
                                          r"\(.*data.jsonl\) is nan: the model overflows"):
         trainer.evaluate()
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_a_damaged_dynamics_json_beside_the_confidence_file_is_one_clear_error(damage, tiny_model_dir, tiny_data,
+                                                                             tmp_path):
+    folder = tmp_path / "dyn"
+    folder.mkdir()
+    confidence = folder / "confidence.jsonl"
+    confidence.write_bytes(tiny_data[1].read_bytes())
+    (folder / "dynamics.json").write_bytes(damage)
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]),
+                         confidence_path=str(confidence), max_steps=1)
+    with pytest.raises(InputError, match=r"dynamics.json: damaged .*re-run `sftmix dynamics`"):
+        train(config)
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tiny_model_dir, tiny_data, tmp_path, capsys, caplog, monkeypatch):
+    from sftmix.cli import main
+
+    calls = {"n": 0}
+    real = SFTMixTrainer.compute_loss
+
+    def interrupted_at_step_3(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTMixTrainer, "compute_loss", interrupted_at_step_3)
+    argv = ["train", "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(tiny_data[0]),
+            "--confidence_path", str(tiny_data[1]), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true",
+            "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run the same command again to resume" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(SFTMixTrainer, "compute_loss", real)
+    assert main(argv) == 0
+    assert f"Resuming from {tmp_path / 'out' / 'checkpoint-2'}" in caplog.text
