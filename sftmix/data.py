@@ -29,7 +29,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from .errors import InputError
-from .files import atomic_directory, cache_root, file_hash, write_jsonl
+from .files import atomic_directory, cache_error, cache_root, file_hash, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +344,13 @@ def write_records(records: list[Record], description: Any) -> Path:
     """Records as one JSONL file in the cache, named by what they were made from (written atomically)."""
     key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_root() / "datasets" / f"{key}.jsonl"
-    write_jsonl(path, (record.data for record in records), user_data=True)
+    try:
+        write_jsonl(path, (record.data for record in records), user_data=True)
+    except Exception as err:  # every stage and rank reads this file: no way on without it
+        problem = cache_error(err, "the dataset mixture's records")
+        if problem is None:
+            raise
+        raise problem from err
     return path
 
 
@@ -716,9 +722,15 @@ def build_dataset(
             return hit
     dataset, report = _tokenize_records(source, tokenizer, max_length, max_examples, split, truncation)
     if cached is not None:
-        with atomic_directory(cached, keep_existing=True) as staging:  # another process may cache it first
-            dataset.save_to_disk(str(staging / "dataset"))
-            (staging / "report.json").write_text(json.dumps(vars(report)))
+        try:
+            with atomic_directory(cached, keep_existing=True) as staging:  # another process may cache it first
+                dataset.save_to_disk(str(staging / "dataset"))
+                (staging / "report.json").write_text(json.dumps(vars(report)))
+        except Exception as err:  # read-only or full: the data is tokenised, only the next run's shortcut is lost
+            problem = cache_error(err, "the tokenised data")
+            if problem is None:
+                raise
+            logger.warning("%s; tokenised data is not cached this time", problem)
     return dataset, report
 
 

@@ -193,6 +193,17 @@ def model_identity(name_or_path: str | Path) -> dict[str, Any]:
             for file in files}
 
 
+def cache_error(err: BaseException, what: str) -> InputError | None:
+    """The one-line error of a cache write that failed because the cache is read-only, missing or full (named as
+    the cache's, not the output directory's), or None when `err` is something else."""
+    full = out_of_space(err, cache_root())
+    if full is None and not isinstance(err, OSError):
+        return None
+    reason = f"the disk is full: {full}" if full else (getattr(err, "strerror", None) or str(err))
+    return InputError(f"cannot write {what} into the cache {cache_root()} ({reason}): set SFTMIX_CACHE to a "
+                      "writable folder with free space")
+
+
 def cache_root() -> Path:
     """$SFTMIX_CACHE, else ~/.cache/sftmix: the converted default model and tokenised datasets."""
     return Path(os.environ.get("SFTMIX_CACHE") or Path.home() / ".cache" / "sftmix")  # set but empty: unset

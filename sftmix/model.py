@@ -21,7 +21,7 @@ from typing import Any
 from .data import packaged_file
 from .distributed import local_rank, unpartitioned_loading
 from .errors import InputError
-from .files import atomic_directory, cache_root, model_identity, write_atomic
+from .files import atomic_directory, cache_error, cache_root, model_identity, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,15 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    with atomic_directory(target) as staging:
-        plain.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+    try:
+        with atomic_directory(target) as staging:
+            plain.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+    except Exception as err:
+        problem = cache_error(err, "the converted default model (about 600 MB)")
+        if problem is None:
+            raise
+        raise problem from err
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

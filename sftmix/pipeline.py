@@ -396,6 +396,10 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     output_dir = Path(config.output_dir)
     for checkpoint in config.checkpoints or []:
         check_model_path(checkpoint, "--checkpoints")
+    if config.checkpoints and config.model_name_or_path is None:
+        # the checkpoints' own tokenizer (Trainer saves it in each one), not the embedded default's
+        config.model_name_or_path = config.checkpoints[0]
+        logger.warning("Tokenising with the tokenizer of %s (no --model_name_or_path)", config.checkpoints[0])
     resolve_datasets(config, with_test=False)  # the reference run is not evaluated
     prepared = prepare(config)
     ids = prepared.dataset["id"]

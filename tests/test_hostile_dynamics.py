@@ -199,3 +199,13 @@ def test_more_checkpoints_than_steps_is_said(tiny_model_dir, tiny_data, tmp_path
                                           num_checkpoints=8))  # 16 examples / 4 = 4 steps
     assert "--num_checkpoints 8, but the reference run has 4 step(s): 4 checkpoint(s) are scored" in caplog.text
     assert len(__import__("json").loads((output_dir / "dynamics.json").read_text())["checkpoints"]) == 4
+
+
+def test_checkpoints_without_a_model_are_tokenised_with_their_own_tokenizer(tiny_model_dir, tiny_data, tmp_path):
+    """Not with the embedded default's (49,152 tokens): its ids would index past this model's 300 embeddings."""
+    import json
+
+    config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)])
+    config.model_name_or_path = None
+    output_dir = dynamics(config)
+    assert json.loads((output_dir / "dynamics.json").read_text())["tokenizer"] == str(tiny_model_dir)

@@ -51,3 +51,29 @@ def test_compare_splits_says_how_many_examples_it_compared(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "1.0000 of the 2 shared examples" in captured.out and "16 examples" in captured.out
     assert "only 2 of the examples are in both files" in captured.err
+
+
+def test_an_unwritable_cache_costs_the_cache_not_the_run(tmp_path, tokenizer, tiny_data, monkeypatch, caplog):
+    from sftmix.data import build_dataset
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")  # read-only for root too
+    monkeypatch.setenv("SFTMIX_CACHE", str(blocked))
+    monkeypatch.delenv("SFTMIX_NO_CACHE", raising=False)
+    dataset, _ = build_dataset(tiny_data[0], tokenizer, max_length=64)
+    assert len(dataset) == 16 and "tokenised data is not cached this time" in caplog.text
+    assert str(blocked) in caplog.text
+
+
+def test_a_full_cache_disk_is_named_as_the_cache(tmp_path, monkeypatch):
+    import sftmix.data as data
+    from sftmix.errors import InputError
+
+    monkeypatch.setenv("SFTMIX_CACHE", str(tmp_path / "cache"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "write_jsonl", full)
+    with pytest.raises(InputError, match=rf"into the cache {tmp_path / 'cache'} \(the disk is full"):
+        data.write_records([data.Record({"instruction": "a", "output": "b"}, "x:1")], ["mixture"])
