@@ -305,11 +305,15 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_mo
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+DIGEST = "sftmix_digest.json"  # written into a checkpoint once it is whole: its files' sizes, its weights' hashes
+
+
 def checkpoint_is_complete(path: Path) -> bool:
-    """Trainer writes a checkpoint's trainer_state.json last: complete = it parses, names this step, weights exist.
+    """Trainer writes a checkpoint's trainer_state.json last and sftmix its digest after it: complete = both are
+    there, the state names this step, and weights exist.
 
     A process killed while `checkpoint-N` is written leaves weights without trainer_state.json,
-    or a trainer_state.json cut short; neither can be resumed from.
+    a trainer_state.json cut short, or no digest; none can be resumed from.
     """
     try:
         state = json.loads((path / "trainer_state.json").read_text())
@@ -319,21 +323,58 @@ def checkpoint_is_complete(path: Path) -> bool:
     if not isinstance(state, dict) or match is None or state.get("global_step") != int(match.group(1)):
         return False
     engine_states = list(path.glob("pytorch_model_fsdp*")) + list(path.glob("global_step*"))  # FSDP, DeepSpeed
-    return any((path / name).is_file() for name in WEIGHT_FILES) or bool(engine_states)
+    has_weights = any((path / name).is_file() for name in WEIGHT_FILES) or bool(engine_states)
+    return has_weights and (path / DIGEST).is_file()
+
+
+def write_digest(checkpoint: Path) -> None:
+    """Record, once `checkpoint` is whole, every file's size and each weight file's hash (`checkpoint_damage`)."""
+    files = {}
+    for path in sorted(item for item in checkpoint.rglob("*") if item.is_file() and item.name != DIGEST):
+        entry: dict[str, Any] = {"size": path.stat().st_size}
+        if path.name.endswith(".safetensors"):  # the weights: what zeroing or a partial copy changes unseen
+            entry["sha256"] = file_hash(path)
+        files[path.relative_to(checkpoint).as_posix()] = entry
+    write_atomic(checkpoint / DIGEST, json.dumps(files, indent=1))
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What in `checkpoint` differs from its digest (a file cut short, weights overwritten), or None when nothing
+    does. Files gone since are not damage: a reference run's older checkpoints keep only their weights."""
+    try:
+        recorded = json.loads((checkpoint / DIGEST).read_text())
+    except FileNotFoundError:
+        return None  # not written by sftmix: nothing to compare with
+    except ValueError:
+        return f"its {DIGEST} does not parse"
+    for name, entry in recorded.items():
+        path = checkpoint / name
+        if not path.is_file():
+            continue
+        if path.stat().st_size != entry["size"]:
+            return f"{name} is {path.stat().st_size} bytes, {entry['size']} when it was written"
+        if "sha256" in entry and file_hash(path) != entry["sha256"]:
+            return f"{name} changed since it was written"
+    return None
 
 
 def newest_complete_checkpoint(directory: str | Path, also_needs: tuple[str, ...] = ()) -> str | None:
-    """The newest complete `checkpoint-N` in `directory` (holding `also_needs` files too); incomplete ones are named."""
+    """The newest complete, undamaged `checkpoint-N` in `directory` (holding `also_needs` files too); the others are
+    named as they are passed over."""
     directory = Path(directory)
     found = sorted(
         (int(match.group(1)), path) for path in (directory.iterdir() if directory.is_dir() else [])
         if (match := CHECKPOINT.fullmatch(path.name)) and path.is_dir()
     )
     for _, path in reversed(found):
-        if checkpoint_is_complete(path) and all((path / name).exists() for name in also_needs):
+        if not (checkpoint_is_complete(path) and all((path / name).exists() for name in also_needs)):
+            logger.warning("%s is incomplete (the run was killed while writing it?): not resumed from; it is "
+                           "written again when training reaches that step", path)
+        elif damage := checkpoint_damage(path):
+            logger.warning("%s is damaged (%s): not resumed from; an older checkpoint is, and this one is written "
+                           "again when training reaches that step (or delete it)", path, damage)
+        else:
             return str(path)
-        logger.warning("%s is incomplete (the run was killed while writing it?): not resumed from; it is "
-                       "written again when training reaches that step", path)
     return None
 
 

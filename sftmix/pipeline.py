@@ -51,6 +51,7 @@ from .data import (
 from .errors import InputError
 from .files import (
     OutputLock,
+    checkpoint_damage,
     file_hash,
     jsonl_text,
     key_changes,
@@ -198,6 +199,10 @@ def resume_checkpoint(config: SFTMixConfig, key: dict | None = None, also_needs:
     """
     checkpoint = config.resume_from_checkpoint
     if checkpoint is not None:
+        damage = checkpoint_damage(Path(checkpoint))
+        if damage:
+            raise InputError(f"--resume_from_checkpoint {checkpoint}: damaged ({damage}); resume from an older "
+                             "checkpoint, or leave the option out to resume from the newest undamaged one")
         missing = [name for name in also_needs if not (Path(checkpoint) / name).exists()]
         if missing:
             raise InputError(f"--resume_from_checkpoint {checkpoint}: it holds no {', '.join(missing)}, which this "

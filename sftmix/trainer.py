@@ -45,7 +45,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from . import distributed
 from .config import SFTMixConfig
 from .errors import InputError
-from .files import write_atomic
+from .files import write_atomic, write_digest
 from .losses import (
     IGNORE_INDEX,
     LossTerms,
@@ -433,6 +433,9 @@ class SFTMixTrainer(SFTTrainer):
         steps = self.state.global_step - self._initial_global_step
         self._run_totals().advance(self._total_loss_scalar + float(self._tr_loss), steps)
         super()._save_checkpoint(model, trial)
+        distributed.barrier()  # every rank has written its part: the checkpoint is whole
+        checkpoint = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        distributed.on_main(write_digest, checkpoint)  # what a resume checks it against (files.checkpoint_damage)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "train_runtime" in logs and "train_loss" in logs:  # the end of a train() call: report the whole run

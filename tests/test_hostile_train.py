@@ -322,3 +322,33 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tiny_model_dir, tiny_data, tmp
     monkeypatch.setattr(SFTMixTrainer, "compute_loss", real)
     assert main(argv) == 0
     assert f"Resuming from {tmp_path / 'out' / 'checkpoint-2'}" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["zeroed weights", "truncated optimizer"])
+def test_a_damaged_checkpoint_is_named_and_an_older_one_resumed(straight_run, tiny_model_dir, tiny_data, tmp_path,
+                                                                caplog, damage):
+    """Weights zeroed after saving (the safetensors header intact) or an optimizer file cut short: found by the
+    digest written when the checkpoint was whole, never resumed silently, never a raw traceback."""
+    import copy
+    import struct
+
+    config = resumable(tmp_path, tiny_model_dir, tiny_data, "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[CrashAfter(4)])
+    damaged = tmp_path / "killed" / "checkpoint-4"
+    if damage == "zeroed weights":
+        data = (damaged / "model.safetensors").read_bytes()
+        header = 8 + struct.unpack("<Q", data[:8])[0]
+        (damaged / "model.safetensors").write_bytes(data[:header] + bytes(len(data) - header))
+    else:
+        optimizer = damaged / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    explicit = copy.deepcopy(config)
+    explicit.resume_from_checkpoint = str(damaged)
+    with pytest.raises(InputError, match=r"--resume_from_checkpoint .*checkpoint-4: damaged \((model.safetensors "
+                                         r"changed since it was written|optimizer.pt is \d+ bytes)"):
+        train(explicit)
+    output_dir = train(config)  # the same command: resumes from checkpoint-2
+    assert "checkpoint-4 is damaged" in caplog.text and "Resuming from" in caplog.text
+    assert "checkpoint-2" in [r.getMessage() for r in caplog.records if "Resuming from" in r.getMessage()][-1]
+    assert_same_weights(weights(output_dir), straight_run[1])
