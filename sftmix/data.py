@@ -40,6 +40,7 @@ ROLE_ALIASES = {
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant",
     "bard": "assistant", "model": "assistant",
     "system": "system",
+    "tool": "tool", "function": "tool", "ipython": "tool",  # a tool's result (OpenAI, older OpenAI, Llama 3)
 }
 
 
@@ -393,20 +394,45 @@ def _prompt_part(record: Record, key: str, role: str) -> list[dict[str, str]]:
     return _check_turns(record, value, "role", "content")
 
 
-def _check_turns(record: Record, turns: Any, role_key: str, content_key: str) -> list[dict[str, str]]:
+TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")  # kept as they are: chat templates render them
+
+
+def _check_turns(record: Record, turns: Any, role_key: str, content_key: str) -> list[dict[str, Any]]:
     if not isinstance(turns, list):
         raise DataError(f"{record.where}: expected a list of turns, got {type(turns).__name__}")
     messages = []
     for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        calls = turn.get("tool_calls") if isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or role_key not in turn or (content_key not in turn and not calls):
             raise DataError(f"{record.where}: turn {index} needs {role_key!r} and {content_key!r}")
         role = ROLE_ALIASES.get(str(turn[role_key]).lower())
         if role is None:
             raise DataError(f"{record.where}: turn {index} has unknown role {turn[role_key]!r}")
-        if not isinstance(turn[content_key], str):
+        content = turn.get(content_key)
+        if calls is not None and not (role == "assistant" and isinstance(calls, list)
+                                      and all(isinstance(call, dict) for call in calls)):
+            raise DataError(f"{record.where}: turn {index} 'tool_calls' must be a list of calls on an assistant turn")
+        if not isinstance(content, str) and not (calls and content is None):
             raise DataError(f"{record.where}: turn {index} {content_key!r} must be a string")
-        messages.append({"role": role, "content": turn[content_key]})
+        message = {"role": role, "content": content or ""}
+        message.update({name: turn[name] for name in TOOL_FIELDS if turn.get(name) is not None})
+        messages.append(message)
     return messages
+
+
+def record_tools(record: Record) -> list[dict[str, Any]] | None:
+    """The record's `tools` (function schemas the chat template shows the model), or None."""
+    tools = record.data.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):  # a JSON string, as some datasets store it
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise DataError(f"{record.where}: 'tools' is a string that does not parse as JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise DataError(f"{record.where}: 'tools' must be a list of function schemas")
+    return tools or None
 
 
 def example_id(record: Record, messages: list[dict[str, str]]) -> str:
@@ -428,7 +454,8 @@ def messages_and_ids(records: Iterable[Record]) -> Iterator[tuple[list[dict[str,
     unique_ids = UniqueIds()
     for record in records:
         messages = to_messages(record)
-        if any(messages[index]["content"] for index in supervised_turns(messages)):
+        if any(messages[index]["content"] or messages[index].get("tool_calls")
+               for index in supervised_turns(messages)):
             yield messages, unique_ids.claim(example_id(record, messages))
         else:
             yield messages, None
@@ -499,13 +526,19 @@ class TemplateMismatch(DataError):
 
 
 def tokenize_conversation(
-    messages: list[dict[str, str]], tokenizer: Any, max_length: int | None, truncation: str = "turns"
+    messages: list[dict[str, Any]], tokenizer: Any, max_length: int | None, truncation: str = "turns",
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Token ids and labels (-100 outside supervised tokens) for one conversation, at most `max_length` long.
 
     Returns {"input_ids", "labels", "truncated", "cuts"}: `cuts` names what truncation removed.
     truncation="turns" keeps supervision (see `_fit_turns`); "right" cuts the tokens past max_length.
+    `tools`: the function schemas the template shows; an assistant turn's `tool_calls` are supervised as the
+    template renders them, a tool's result is context.
     """
+    if tools or any(message.get("tool_calls") for message in messages):
+        tokenizer = _WithTools(tokenizer, tools)
+        _check_calls_rendered(messages, tokenizer)
     turns = supervised_turns(messages)
     messages = messages[: turns[-1] + 1] if turns else messages  # a trailing user turn teaches nothing
     input_ids, labels = encode_conversation(messages, tokenizer)
@@ -516,6 +549,33 @@ def tokenize_conversation(
                 "cuts": ["cut on the right"]}
     input_ids, labels, cuts = _fit_turns(messages, tokenizer, max_length)
     return {"input_ids": input_ids, "labels": labels, "truncated": True, "cuts": cuts}
+
+
+class _WithTools:
+    """The tokenizer, with `tools` passed to every apply_chat_template call (all three strategies render)."""
+
+    def __init__(self, tokenizer: Any, tools: list[dict[str, Any]] | None):
+        self._tokenizer, self._tools = tokenizer, tools
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def apply_chat_template(self, conversation, **kwargs):
+        return self._tokenizer.apply_chat_template(conversation, tools=self._tools, **kwargs)
+
+
+def _check_calls_rendered(messages: list[dict[str, Any]], tokenizer: Any) -> None:
+    """A template that ignores `tool_calls` would train the turn as plain text without its calls: refuse it."""
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            name = (call.get("function") or call).get("name")
+            if name and name not in rendered:
+                raise TemplateMismatch(f"the chat template does not render tool calls (the call to {name!r} is "
+                                       "missing from the text): use a template that does (--chat_template_path)")
 
 
 def supervised_turns(messages: list[dict[str, str]]) -> list[int]:
@@ -823,7 +883,7 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
         if identifier != example_id(record, messages):
             report.skip("repeated id, made unique with a #k suffix (kept)")
         try:
-            tokens = tokenize_conversation(messages, tokenizer, max_length, truncation)
+            tokens = tokenize_conversation(messages, tokenizer, max_length, truncation, record_tools(record))
         except (TemplateError, TemplateMismatch) as err:
             _count_template_rejection(report, record, err)
             continue

@@ -189,3 +189,50 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, tokenizer, fres
                for r in caplog.records)  # names the entry
     third, _ = build_dataset(path, tokenizer, max_length=64)  # the rebuilt entry serves the next run
     assert third.to_dict() == first.to_dict()
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": CITY}}]
+TOOL_CONVERSATION = {"id": "t1", "tools": TOOLS, "messages": [
+    {"role": "user", "content": "is the sky blue in paris"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "paris"}}}]},
+    {"role": "tool", "content": "blue sky", "tool_call_id": "c1"},
+    {"role": "assistant", "content": "the sky is blue"},
+]}
+
+
+def test_tool_calls_are_trained_as_the_template_renders_them(tmp_path):
+    """The calls are supervised (they are what the model must produce), the tool's result and the tool schemas are
+    context; a template that cannot render calls skips the record and says why, never trains it as plain text."""
+    from test_data import family_tokenizer, supervised_runs
+
+
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps(TOOL_CONVERSATION) + "\n")
+    tokenizer = family_tokenizer("qwen2_5")  # Qwen2.5's real template: tools, <tool_call>, <tool_response>
+    dataset, report = build_dataset(data, tokenizer, max_length=None)
+    input_ids, labels = dataset[0]["input_ids"], dataset[0]["labels"]
+    text = tokenizer.decode(input_ids)
+    assert "get_weather" in text.split("<|im_start|>user")[0]  # the schema, in the system prompt
+    supervised = supervised_runs(tokenizer, labels)
+    assert len(supervised) == 2 and '"name": "get_weather"' in supervised[0] and "paris" in supervised[0]
+    assert supervised[1] == "the sky is blue<|im_end|>"
+    assert "blue sky" in text and all("blue sky" not in run for run in supervised)  # the tool's result: context
+
+    plain = family_tokenizer("smollm2")  # ChatML without tool support: it would drop the call
+    data.write_text(json.dumps(TOOL_CONVERSATION) + "\n" + json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    dataset, report = build_dataset(data, plain, max_length=None)
+    assert len(dataset) == 1 and report.skipped_records == {"rejected by the chat template (TemplateMismatch)": 1}
+
+
+def test_malformed_tool_fields_name_the_line(tmp_path, tokenizer):
+
+
+    bad = dict(TOOL_CONVERSATION, tools="{not json")
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:2: 'tools' is a string that does not parse as JSON"):
+        build_dataset(data, tokenizer, max_length=None)
