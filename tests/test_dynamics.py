@@ -153,10 +153,6 @@ def test_changed_dataset_is_refused(tiny_model_dir, tiny_data, tmp_path):
     config.dataset_path = str(fewer)
     with pytest.raises(ValueError, match="2 ids differ"):
         train(config)
-    # the same records in another order are the same data: each id keeps its group
-    reordered = write_jsonl(tmp_path / "reordered.jsonl", make_conversations(16)[::-1])
-    config.dataset_path, config.max_steps, config.output_dir = str(reordered), 1, str(tmp_path / "reordered-out")
-    assert (train(config) / "model.safetensors").exists()
 
 
 def test_online_dynamics_records_every_example_each_epoch(tiny_model_dir, tiny_data, tmp_path):

@@ -209,3 +209,17 @@ def test_checkpoints_without_a_model_are_tokenised_with_their_own_tokenizer(tiny
     config.model_name_or_path = None
     output_dir = dynamics(config)
     assert json.loads((output_dir / "dynamics.json").read_text())["tokenizer"] == str(tiny_model_dir)
+
+
+def test_reordered_data_keeps_its_confidence_split(tiny_model_dir, tiny_data, tmp_path):
+    """The same records in another order are the same examples: each id keeps its group, training goes ahead."""
+    from conftest import make_conversations, write_jsonl
+    from test_trainer import make_config
+
+    from sftmix.pipeline import train
+
+    split = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)]))
+    reordered = write_jsonl(tmp_path / "reordered.jsonl", make_conversations(16)[::-1])
+    config = make_config(tmp_path, model_name_or_path=str(tiny_model_dir), dataset_path=str(reordered),
+                         confidence_path=str(split / "confidence.jsonl"), max_length=64, max_steps=1)
+    assert (train(config) / "model.safetensors").exists()
