@@ -30,8 +30,8 @@ HONOURED: dict[str, tuple[str, ...]] = {
         "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim_target_modules", "max_grad_norm"),
     "length of training and batches": (
         "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "average_tokens_across_devices", "seed", "data_seed", "full_determinism", "length_column_name",
-        "shuffle_dataset", "dataloader_drop_last", "dataloader_num_workers",
+        "average_tokens_across_devices", "seed", "data_seed", "full_determinism",
+        "shuffle_dataset", "dataloader_num_workers",
         "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
         "dataloader_multiprocessing_context", "dataloader_in_order", "remove_unused_columns"),
     "precision, memory and speed": (
@@ -80,13 +80,11 @@ HELP = {
                    "and a reachable hub, checked at start-up.",
     "max_length": "Tokens per example; longer ones are cut as --truncation says.",
     "gradient_checkpointing": "transformers 5's old name of --activation_checkpointing (on by default, as in TRL).",
-    "dataloader_drop_last": "Honoured for --loss_type ntp; the mixing losses' balanced sampler always yields full "
-                            "batches (it cycles the smaller group).",
     "accelerator_config": "accelerate's settings; split_batches is refused for the losses that mix.",
     "resume_from_checkpoint": "The checkpoint to resume (default: the newest complete one in output_dir); "
                               "`sftmix run` resumes every stage from its own and refuses it.",
-    "train_sampling_strategy": "Honoured for --loss_type ntp. The losses that mix draw balanced confident/unconfident "
-                               "batches with their own sampler: other values than `random` are refused there.",
+    "train_sampling_strategy": "Only `random`: sftmix draws its batches with its own samplers (other values are "
+                               "refused).",
 }
 
 # ---------------------------------------------------------------------------------------------- refused
@@ -142,10 +140,10 @@ REFUSED: dict[str, Refusal] = {
     "use_liger_kernel": Refusal(lambda c: c.use_liger_kernel, "--use_liger_kernel is not supported: sftmix computes "
                                 "its loss in its own fused LM head, which Liger's kernels were never tested with; the "
                                 "default --fused_loss true already never builds [batch, length, vocabulary] logits"),
-    "train_sampling_strategy": Refusal(lambda c: c.train_sampling_strategy != "random" and _mixes(c),
-                                       "--train_sampling_strategy: the SFTMix losses draw balanced confident/"
-                                       "unconfident batches with their own sampler; leave it `random` (it is honoured "
-                                       "for --loss_type ntp)"),
+    "train_sampling_strategy": Refusal(lambda c: c.train_sampling_strategy != "random",
+                                       "--train_sampling_strategy: sftmix draws its batches with its own samplers "
+                                       "(balanced ones for the losses that mix), so that N processes take the steps "
+                                       "one process takes; leave it `random`"),
     "push_to_hub": Refusal(lambda c: c.push_to_hub and not getattr(c, "saves_one_model", True),
                            "--push_to_hub is for `sftmix train`, which saves one model; `sftmix dynamics` and "
                            "`sftmix run` train several: upload the one you want afterwards with `hf upload`"),
@@ -174,6 +172,9 @@ def _setting(value, name: str):
 # ---------------------------------------------------------------------------------------------- no effect
 
 NO_EFFECT: dict[str, str] = {
+    "dataloader_drop_last": "every epoch is a whole number of full steps: the last one is filled by drawing again "
+                            "(sftmix/sampler.py)",
+    "length_column_name": "only read by train_sampling_strategy group_by_length, which is refused",
     "packing_strategy": "packing is refused",
     "liger_kernel_config": "use_liger_kernel is refused",
     "dataset_kwargs": "sftmix tokenises the data itself, so TRL's dataset preparation options do not apply",

@@ -56,7 +56,7 @@ from .losses import (
     sftmix_loss_reference,
 )
 from .model import head_is_linear
-from .sampler import BalancedBatchSampler
+from .sampler import BalancedBatchSampler, ShuffledBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -262,14 +262,18 @@ class SFTMixTrainer(SFTTrainer):
         return confident, unconfident
 
     def get_train_dataloader(self) -> DataLoader:
-        if not self.mixing:
-            return super().get_train_dataloader()
-        confident, unconfident = self._balanced_groups
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed  # as Trainer's sampler
-        sampler = BalancedBatchSampler(confident, unconfident, self._train_batch_size, seed=seed)
-        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        """Trainer's dataloader with sftmix's batch sampler (`sampler.py`): balanced batches for the losses that mix,
+        shuffled ones for NTP; each epoch a whole number of steps at every process count and accumulation."""
         args = self.args
-        loader = DataLoader(  # Trainer's dataloader settings (`_get_dataloader`), with the balanced batch sampler
+        seed = args.data_seed if args.data_seed is not None else args.seed  # as Trainer's sampler
+        per_step = args.gradient_accumulation_steps * self.accelerator.num_processes
+        if self.mixing:
+            confident, unconfident = self._balanced_groups
+            sampler = BalancedBatchSampler(confident, unconfident, self._train_batch_size, seed, per_step)
+        else:
+            sampler = ShuffledBatchSampler(len(self.train_dataset), self._train_batch_size, seed, per_step)
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        loader = DataLoader(  # Trainer's dataloader settings (`_get_dataloader`), with sftmix's batch sampler
             dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
             multiprocessing_context=args.dataloader_multiprocessing_context,
@@ -277,7 +281,7 @@ class SFTMixTrainer(SFTTrainer):
             worker_init_fn=functools.partial(seed_worker, num_workers=args.dataloader_num_workers,
                                              rank=args.process_index),
         )
-        # Each rank receives whole balanced batches (BatchSamplerShard hands out batches round-robin).
+        # Each rank receives whole batches, round-robin (BatchSamplerShard); their count divides evenly.
         return self.accelerator.prepare(loader)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):

@@ -177,6 +177,25 @@ def test_ddp_two_processes_with_accumulation_equal_one_batch(tiny_model_dir, tin
     assert_same_weights(tmp_path / "two", tmp_path / "one")
 
 
+@pytest.mark.parametrize("loss_type, per_device, accumulation", [("sftmix", 2, 2), ("ntp", 4, 1)])
+def test_uneven_data_two_processes_equal_one_process(loss_type, per_device, accumulation, tiny_model_dir, tmp_path):
+    """20 examples, one epoch of global batches of 8: 3 steps, the last one not a multiple of the data. Each step's
+    losses and the final weights equal one process's (accelerate used to give rank 1 a repeat of batch 0)."""
+    from conftest import write_groups
+
+    rows = make_conversations(20, seed=5)
+    data = (write_jsonl(tmp_path / "twenty.jsonl", rows),
+            write_groups(tmp_path / "twenty-confidence.jsonl", [row["id"] for row in rows]))
+    flags = train_flags(tiny_model_dir, data, per_device, "two", "--gradient_accumulation_steps", str(accumulation),
+                        "--loss_type", loss_type, "--max_steps", "-1", "--num_train_epochs", "1")
+    launch("ddp", flags, tmp_path)
+    assert_ran_as(tmp_path / "two", "ddp")
+    one = one_process(tiny_model_dir, data, tmp_path, "one", loss_type=loss_type, max_steps=-1, num_train_epochs=1)
+    assert len(step_logs(one)) == 3
+    assert_same_steps(tmp_path / "two", one)
+    assert_same_weights(tmp_path / "two", one)
+
+
 def test_zero3_two_processes_equal_one_process_without_16bit_gathering(tiny_model_dir, tiny_data, tmp_path):
     """accelerate's default `--zero3_save_16bit_model false` used to save no weights, with exit 0."""
     flags = train_flags(tiny_model_dir, tiny_data, 4, "two", "--save_strategy", "steps", "--save_steps", "2")

@@ -192,7 +192,7 @@ def refused(capsys, *argv) -> str:
     (["--dataset_text_field", "text2"], "--dataset_text_field: sftmix trains on conversations"),
     (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor is not supported"),
     (["--auto_find_batch_size", "true"], "--auto_find_batch_size is not supported"),
-    (["--train_sampling_strategy", "group_by_length"], "--train_sampling_strategy: the SFTMix losses"),
+    (["--train_sampling_strategy", "group_by_length"], "--train_sampling_strategy: sftmix draws its batches"),
     (["--warmup_ratio", "0.1"], "--warmup_ratio is not an option any more: use --warmup_steps"),
 ])
 def test_train_refuses_at_start_up(flags, message, capsys, tmp_path, monkeypatch):
@@ -208,8 +208,8 @@ def test_train_refuses_at_start_up(flags, message, capsys, tmp_path, monkeypatch
 
 def test_what_sftmix_does_anyway_is_accepted(tmp_path):
     config = SFTMixConfig(output_dir=str(tmp_path), assistant_only_loss=True, completion_only_loss=True,
-                          loss_type="ntp", train_sampling_strategy="group_by_length")
-    assert config.assistant_only_loss and config.train_sampling_strategy == "group_by_length"  # honoured for NTP
+                          loss_type="ntp")
+    assert config.assistant_only_loss and config.completion_only_loss
 
 
 @pytest.mark.parametrize("yaml_text, message", [
