@@ -78,7 +78,7 @@ from .model import (
     model_revision,
     resolve_model_path,
 )
-from .trainer import SFTMixTrainer, check_ids_match, write_model_card
+from .trainer import SFTMixTrainer, check_ids_match, training_cost, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -411,9 +411,9 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     check_split_counts(len(ids), config.split_ratio)
     key = dyn.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
     distributed.on_main(dyn.clear_stale, output_dir, key)
-    checkpoints, online_records = config.checkpoints, None
+    checkpoints, online_records, reference_cost = config.checkpoints, None, None
     if not checkpoints:
-        checkpoints, online_records = _reference_run(config, prepared, callbacks)
+        checkpoints, online_records, reference_cost = _reference_run(config, prepared, callbacks)
     if config.online:
         scores = dyn.online_scores(online_records, ids)
         for score in scores:
@@ -425,7 +425,11 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
             for k, checkpoint in enumerate(checkpoints)
         ]
     rows = confidence_rows(ids, scores, config.split_ratio)
-    distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows, key)
+    tokens = sum(len(row) for row in prepared.dataset["input_ids"])
+    cost = {"reference run": reference_cost,  # None: given checkpoints (not trained here)
+            "scoring": None if config.online else {"seconds": sum(score.seconds for score in scores),
+                                                   "tokens": tokens * len(scores), "passes": len(scores)}}
+    distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows, key, cost)
     return output_dir
 
 
@@ -444,7 +448,7 @@ def check_split_counts(count: int, split_ratio: float) -> None:
 
 
 def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: list, rows: list[dict],
-                            key: dict) -> None:
+                            key: dict, cost: dict) -> None:
     """confidence.jsonl, dynamics.json (what produced it + distribution summary) and confidence.png."""
     output_dir = Path(config.output_dir)
     write_jsonl(output_dir / "confidence.jsonl", rows)
@@ -462,6 +466,7 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
         "split_ratio": config.split_ratio,
         "processes": distributed.world_size(),
         "summary": summarise(rows),
+        "cost": cost,  # wall time and tokens of the reference run and the scoring passes
         "key": key,
     }, indent=2))
     dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
@@ -469,7 +474,7 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
                       title=f"Data map ({len(rows)} examples, {len(scores)} checkpoints)")
 
 
-def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None]:
+def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None, dict]:
     """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done).
 
     Only those C checkpoints are saved (not every `save_steps`), and each keeps only its weights (what
@@ -485,7 +490,7 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     finished = distributed.on_main(lambda: json.loads(done.read_text()) if done.exists() else None)
     if finished is not None:
         distributed.on_main(_keep_weights_only, finished["checkpoints"])  # a kill may have come before
-        return finished["checkpoints"], finished.get("online_nll")
+        return finished["checkpoints"], finished.get("online_nll"), finished.get("cost")
     spacing = dyn.SaveEvenlySpaced(config.num_checkpoints)
     trainer = build_trainer(reference, prepared, callbacks=[spacing, *(callbacks or [])], record_nll=config.online)
     # Online: a kill between a checkpoint and its NLL records; resume from the newest checkpoint that has them.
@@ -499,9 +504,11 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     online = dyn.gather_online_nll(trainer) if config.online else None
     checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in sorted(spacing.steps)]
     trainer.accelerator.free_memory()  # the scoring passes load each checkpoint afresh
-    distributed.on_main(write_atomic, done, json.dumps({"checkpoints": checkpoints, "online_nll": online}))
+    cost = training_cost(trainer.state.log_history)
+    distributed.on_main(write_atomic, done, json.dumps({"checkpoints": checkpoints, "online_nll": online,
+                                                        "cost": cost}))
     distributed.on_main(_keep_weights_only, checkpoints)  # after reference.json: never resumed from again
-    return checkpoints, online
+    return checkpoints, online, cost
 
 
 def _keep_weights_only(checkpoints: list[str]) -> None:
@@ -546,6 +553,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     """
     from . import eval as ev
 
+    started, scored_tokens = time.perf_counter(), 0
     tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template_path, option="--model")
     device = distributed.device(config.use_cpu)
     with distributed.unpartitioned_loading():  # every rank holds a whole model
@@ -556,6 +564,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     files: dict[str, Any] = {}  # file name -> rows, written by rank 0 at the end
     for path, name in zip(config.dataset or [], ev.set_names(config.dataset or [])):
         dataset, _ = distributed.main_first(build_dataset, path, tokenizer, config.max_length, config.max_examples)
+        scored_tokens += sum(len(row) for row in dataset["input_ids"])
         result = ev.response_perplexity(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
                                         desc=f"NLL {name}")
         files[f"nll-{name}.jsonl"] = result.pop("per_example")
@@ -567,9 +576,12 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     if config.confidence_dataset:
         dataset, _ = distributed.main_first(build_dataset, config.confidence_dataset, tokenizer, config.max_length,
                                             config.confidence_max_examples)
+        scored_tokens += sum(len(row) for row in dataset["input_ids"])
         spread = ev.confidence_spread(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens)
         files["confidence_spread.jsonl"] = spread.pop("per_example")
         metrics["confidence"] = spread
+    # what the evaluation cost (the official scorer, a remote judge, is not counted)
+    metrics["cost"] = {"seconds": round(time.perf_counter() - started, 3), "tokens": scored_tokens}
     output_dir = Path(config.output_dir)
     distributed.on_main(_write_eval_outputs, output_dir, metrics, files)
     if config.official_scorer:  # decided by the config; the answers and every other number are on disk first

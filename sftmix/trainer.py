@@ -502,6 +502,13 @@ def _tokenised(dataset, args: SFTMixConfig, tokenizer, max_examples: int | None 
     return built
 
 
+def training_cost(log_history: list[dict]) -> dict[str, float] | None:
+    """A finished training's wall time (the whole run, across resumes) and the tokens it processed, from its logs."""
+    runtime = [entry["train_runtime"] for entry in log_history if "train_runtime" in entry]
+    tokens = [entry["num_tokens"] for entry in log_history if "num_tokens" in entry and "eval_loss" not in entry]
+    return {"seconds": float(runtime[-1]), "tokens": int(tokens[-1]) if tokens else None} if runtime else None
+
+
 def _batch_tokens(inputs: dict) -> int:
     """Input tokens of a batch, padding excluded (TRL's `num_tokens`)."""
     if "attention_mask" in inputs:

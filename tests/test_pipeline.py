@@ -47,6 +47,7 @@ def comparable(metrics):
     for run_metrics in metrics["runs"].values():
         run_metrics.pop("train runtime (s)", None)
     metrics["table"] = [row for row in metrics["table"] if row["metric"] != "train runtime (s)"]
+    metrics.pop("cost")
     return metrics
 
 
@@ -84,6 +85,18 @@ def test_run_writes_report_and_resumes_after_kill(tiny_model_dir, run_data, tmp_
     assert [entry["step"] for entry in history if "eval_loss" in entry] == [history[-1]["step"]]
     outputs = json.loads((straight / "eval" / "sftmix-seed5" / "model_outputs.json").read_text())
     assert len(outputs) == 3 and outputs[0]["generator"] == "sftmix-seed5"
+    # the recipe's cost: every stage's wall time and tokens, and SFTMix's overhead over NTP computed from them
+    spent = {row["stage"]: row for row in metrics["cost"]["stages"]}
+    assert set(spent) == {"Stage 1: reference run", "Stage 1: scoring", "train ntp-seed5", "train sftmix-seed5",
+                          "evaluate ntp-seed5", "evaluate sftmix-seed5"}
+    assert all(row["seconds"] > 0 and row["tokens"] > 0 for row in spent.values())
+    reference = json.loads((straight / "dynamics" / "reference" / "reference.json").read_text())["cost"]
+    assert spent["Stage 1: reference run"] == {"stage": "Stage 1: reference run", **reference}
+    assert spent["Stage 1: scoring"]["passes"] == 4  # C = 4 checkpoints scored
+    stage_one = spent["Stage 1: reference run"]["seconds"] + spent["Stage 1: scoring"]["seconds"]
+    assert metrics["cost"]["overhead_vs_ntp_training"]["sftmix"] == pytest.approx(
+        (stage_one + spent["train sftmix-seed5"]["seconds"]) / spent["train ntp-seed5"]["seconds"])
+    assert "## Cost" in report and "SFTMix costs " in report
 
     config = run_config(tmp_path, tiny_model_dir, run_data, name="killed")
     with pytest.raises(KeyboardInterrupt):
