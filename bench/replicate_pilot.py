@@ -35,7 +35,7 @@ class EpochEval(TrainerCallback):
         self.evaluations: list[dict] = []
 
     def evaluate(self, model, epoch: float) -> None:
-        from sftmix.eval import response_perplexity
+        from sftmix.evaluation import response_perplexity
 
         was_training = model.training
         started, cpu = time.perf_counter(), time.process_time()

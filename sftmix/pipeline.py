@@ -551,7 +551,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
     Under a launcher every rank scores and answers its share; rank 0 writes the files.
     """
-    from . import eval as ev
+    from . import evaluation as ev
 
     started, scored_tokens = time.perf_counter(), 0
     tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template_path, option="--model")
@@ -593,7 +593,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
 def _official_score(config: EvalConfig | RunConfig, model_outputs: Path, output_dir: Path, name: str) -> dict[str, Any]:
     """The official AlpacaEval 2 score of `model_outputs` with the config's annotator, reference and judge."""
-    from . import eval as ev
+    from . import evaluation as ev
 
     return ev.run_alpaca_eval(model_outputs, output_dir, name, config.alpaca_eval_annotator,
                               config.alpaca_eval_reference, config.judge_base_url, config.judge_api_key_env)
@@ -606,7 +606,7 @@ def _generator(config: EvalConfig) -> str:
 
 def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
     """FastChat MT-Bench answers (model_answer format), every turn answered greedily in order."""
-    from . import eval as ev
+    from . import evaluation as ev
 
     questions = load_prompts(config.mt_bench_questions)
     answers = ev.generate_answers(model, tokenizer, [q["turns"] for q in questions], config.max_new_tokens,
@@ -617,7 +617,7 @@ def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any]
 
 def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
     """Answers in AlpacaEval format, and in MT-Bench format when a prompt has several turns."""
-    from . import eval as ev
+    from . import evaluation as ev
 
     prompts = load_prompts(config.prompts, config.num_generations)
     answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,

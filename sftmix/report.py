@@ -13,7 +13,7 @@ from .files import copy_atomic, pyplot, save_figure, write_atomic
 
 def judge_stage(config, run_dir: Path) -> None:
     """Pairwise SFTMix-vs-NTP judging of each seed's generations; failures are listed, not counted."""
-    from .eval import JudgeClient, pairwise_judge
+    from .evaluation import JudgeClient, pairwise_judge
 
     client = JudgeClient(config.judge_base_url, config.judge_model, config.judge_api_key_env)
     for seed in config.seeds:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import write_jsonl
 from transformers import AutoModelForCausalLM
 
-from sftmix import eval as ev
+from sftmix import evaluation as ev
 from sftmix.config import EvalConfig
 from sftmix.data import build_dataset
 from sftmix.errors import InputError

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import model_variant, write_jsonl
 
-from sftmix import eval as ev
+from sftmix import evaluation as ev
 from sftmix import report
 from sftmix.config import EvalConfig
 from sftmix.data import load_prompts

@@ -159,7 +159,7 @@ def test_official_scorer_is_a_stage_of_its_own(tiny_model_dir, run_data, tmp_pat
     """A scorer failure, or a new judge setting, scores the same answers again: they are never generated again."""
     from test_eval import fake_alpaca_eval
 
-    from sftmix import eval as ev
+    from sftmix import evaluation as ev
 
     call_log = fake_alpaca_eval(tmp_path, monkeypatch)
     monkeypatch.setenv("SFTMIX_JUDGE_API_KEY", "sk-test")
