@@ -12,7 +12,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import SFTConfig
+from trl import ModelConfig, ScriptArguments, SFTConfig
+from trl.scripts.utils import DatasetMixtureConfig
 
 from . import distributed, settings
 from .errors import InputError
@@ -107,7 +108,7 @@ def result_settings(config) -> dict:
 
 
 @dataclass
-class SFTMixConfig(SFTConfig):
+class SFTMixConfig(SFTConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig):
     # ---- what to train on (not in SFTConfig, which takes objects, not paths)
     model_name_or_path: str | None = field(
         default=None,
@@ -162,51 +163,12 @@ class SFTMixConfig(SFTConfig):
                   "False: the plain implementation (applies the head to mixed states). Models with a "
                   "non-linearity after the head (logit soft-capping) always use the plain one."},
     )
-    # ---- model loading (the names and defaults of TRL's ModelConfig, so a `trl sft` YAML works)
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "dtype of the loaded weights, as TRL: float32 master weights by default (bf16 compute "
-                  "comes from --bf16 autocast); 'auto' keeps the checkpoint's stored dtype.",
-                  "choices": ["auto", "float32", "bfloat16", "float16"]},
-    )
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2, ... (None: transformers')."}
-    )
-    save_dtype: str | None = field(
-        default=None,
-        metadata={"help": "Cast the saved model's weights to this dtype (e.g. bfloat16 to halve its size). None: "
-                  "save them as trained.", "choices": [None, "float32", "bfloat16", "float16"]},
-    )
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with --use_peft)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (TRL's default 0.05)."})
+    # ---- TRL's ModelConfig, ScriptArguments and DatasetMixtureConfig are inherited (a `trl sft` YAML runs as it
+    # is); these keep their names with sftmix's default or meaning
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
-        metadata={"help": "LoRA target modules: all-linear, or module names (space- or comma-separated)."},
-    )
-    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (magnitude + direction)."})
-    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale adapters by lora_alpha / sqrt(r)."})
-    load_in_4bit: bool = field(
-        default=False, metadata={"help": "QLoRA: 4-bit base model (bitsandbytes, CUDA only; needs --use_peft)."}
-    )
-    load_in_8bit: bool = field(default=False, metadata={"help": "8-bit base model (bitsandbytes, CUDA; --use_peft)."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantisation type.",
-                                                              "choices": ["nf4", "fp4"]})
-    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "Nested (double) 4-bit quantisation."})
-    # ---- `trl sft` names (TRL's ScriptArguments, DatasetMixtureConfig and ModelConfig), so that a `trl sft`
-    # YAML runs as it is; each maps onto the sftmix field named in its help.
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "trl sft: the dataset (local file, local dataset directory or hub name); "
-                                "same as --dataset_path."}
-    )
-    dataset_config: str | None = field(
-        default=None, metadata={"help": "trl sft: the dataset's configuration name (`name` of load_dataset)."}
-    )
-    dataset_train_split: str | None = field(default=None, metadata={"help": "trl sft: same as --dataset_split."})
-    dataset_test_split: str = field(
-        default="test", metadata={"help": "trl sft: split evaluated with --eval_strategy when no "
-                                  "--eval_dataset_path is given."}
+        metadata={"help": "LoRA target modules: all-linear (sftmix's default), or module names (space- or "
+                  "comma-separated)."},
     )
     datasets: list[str] = field(
         default_factory=list,
@@ -214,25 +176,12 @@ class SFTMixConfig(SFTConfig):
                   "data_dir, data_files, split, columns, fraction): a YAML list of mappings, or JSON objects on "
                   "the command line."},
     )
-    test_split_size: float | None = field(
-        default=None, metadata={"help": "trl sft: hold out this share of the mixture as its test split."}
+    save_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Cast the saved model's weights to this dtype (e.g. bfloat16 to halve its size). None: "
+                  "save them as trained.", "choices": [None, "float32", "bfloat16", "float16"]},
     )
-    dataset_streaming: bool = field(default=False, metadata={"help": "trl sft: not supported (sftmix needs every "
-                                                                     "example's id for the confidence split)."})
-    streaming: bool = field(default=False, metadata={"help": "trl sft (mixtures): not supported, as "
-                                                             "dataset_streaming."})
     assistant_only_loss: bool = field(default=True, metadata={"help": settings.HELP["assistant_only_loss"]})
-    ignore_bias_buffers: bool = field(default=False, metadata={"help": "trl sft: accepted; no effect (TRL's sft "
-                                                                       "script does not use it either)."})
-    model_revision: str = field(default="main", metadata={"help": "Model revision (branch, tag or commit)."})
-    lora_modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained fully next to the LoRA adapters (e.g. lm_head)."}
-    )
-    lora_target_parameters: list[str] | None = field(
-        default=None, metadata={"help": "Parameters (not modules) to put LoRA on, e.g. MoE expert weights."}
-    )
-    lora_task_type: str = field(default="CAUSAL_LM", metadata={"help": "Only CAUSAL_LM is supported."})
-    bnb_4bit_quant_storage: str | None = field(default=None, metadata={"help": "4-bit storage dtype."})
     # ---- paper's optimisation defaults (AdamW, lr 2e-6, wd 0.1, cosine, warm-up 0.1)
     learning_rate: float = field(default=2e-6, metadata={"help": "Paper: 2e-6."})
     weight_decay: float = field(default=0.1, metadata={"help": "Paper: 0.1."})
@@ -304,7 +253,7 @@ class SFTMixConfig(SFTConfig):
                 raise InputError(f"--dataset_name {self.dataset_name} and --dataset_path {self.dataset_path} disagree; "
                                  "give one of them")
             self.dataset_path = self.dataset_name
-        if self.dataset_train_split is not None:
+        if self.dataset_train_split != "train":  # TRL's default: --dataset_split (sftmix's name) decides then
             self.dataset_split = self.dataset_train_split
         self.datasets = [json.loads(item) if isinstance(item, str) else dict(item) for item in self.datasets]
         if self.datasets and self.dataset_path is not None:
