@@ -85,6 +85,12 @@ def test_run_writes_report_and_resumes_after_kill(tiny_model_dir, run_data, tmp_
     assert [entry["step"] for entry in history if "eval_loss" in entry] == [history[-1]["step"]]
     outputs = json.loads((straight / "eval" / "sftmix-seed5" / "model_outputs.json").read_text())
     assert len(outputs) == 3 and outputs[0]["generator"] == "sftmix-seed5"
+    # every variant warms up (warmup_steps 0.1 of 6 steps: 1): its first step runs at rate 0, its second at the peak
+    for variant in ("ntp", "sftmix"):
+        logged = [entry for entry in json.loads((straight / f"{variant}-seed5" / "trainer_state.json").read_text())[
+            "log_history"] if "learning_rate" in entry]
+        assert [entry["step"] for entry in logged[:2]] == [1, 2], variant
+        assert [float(entry["learning_rate"]) for entry in logged[:2]] == pytest.approx([0.0, 1e-3]), variant
     # the recipe's cost: every stage's wall time and tokens, and SFTMix's overhead over NTP computed from them
     spent = {row["stage"]: row for row in metrics["cost"]["stages"]}
     assert set(spent) == {"Stage 1: reference run", "Stage 1: scoring", "train ntp-seed5", "train sftmix-seed5",
