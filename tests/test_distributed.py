@@ -169,18 +169,11 @@ def test_unservable_launches_are_refused_before_any_work(monkeypatch):
 # --------------------------------------------------------------------------- 2 processes
 
 
-def test_ddp_two_processes_with_accumulation_equal_one_batch(tiny_model_dir, tiny_data, tmp_path):
-    """2 processes x batch 2 x 2 accumulated micro-batches optimise what 1 process x batch 8 does."""
-    launch("ddp", train_flags(tiny_model_dir, tiny_data, 2, "two", "--gradient_accumulation_steps", "2"), tmp_path)
-    assert_ran_as(tmp_path / "two", "ddp")
-    assert_same_steps(tmp_path / "two", one_process(tiny_model_dir, tiny_data, tmp_path, "one"))
-    assert_same_weights(tmp_path / "two", tmp_path / "one")
-
-
 @pytest.mark.parametrize("loss_type, per_device, accumulation", [("sftmix", 2, 2), ("ntp", 4, 1)])
 def test_uneven_data_two_processes_equal_one_process(loss_type, per_device, accumulation, tiny_model_dir, tmp_path):
-    """20 examples, one epoch of global batches of 8: 3 steps, the last one not a multiple of the data. Each step's
-    losses and the final weights equal one process's (accelerate used to give rank 1 a repeat of batch 0)."""
+    """2 processes x batch 2 x 2 accumulated micro-batches (sftmix), 2 x 4 (ntp), optimise what 1 process x batch 8
+    does, on 20 examples, one epoch of global batches of 8: 3 steps, the last one not a multiple of the data. Each
+    step's losses and the final weights equal one process's (accelerate used to give rank 1 a repeat of batch 0)."""
     from conftest import write_groups
 
     rows = make_conversations(20, seed=5)
