@@ -340,9 +340,11 @@ def check_same_data(confidence_path: str, prepared: Prepared, groups: dict[str, 
     produced_by = Path(confidence_path).with_name("dynamics.json")
     if produced_by.exists():
         try:
-            dataset = json.loads(produced_by.read_text(encoding="utf-8")).get("dataset", {})
-            dataset.get("fingerprint")
-        except (ValueError, AttributeError) as err:  # not JSON, not UTF-8, or not the mapping sftmix writes
+            recorded_run = json.loads(produced_by.read_text(encoding="utf-8"))
+            dataset = recorded_run.get("dataset", {}) if isinstance(recorded_run, dict) else None
+            if not isinstance(dataset, dict):
+                raise ValueError("not the mapping sftmix writes")
+        except ValueError as err:  # not JSON, not UTF-8, or not the mapping sftmix writes
             raise InputError(f"{produced_by}: damaged ({type(err).__name__}); it records which data "
                              f"{Path(confidence_path).name} was made from: re-run `sftmix dynamics`, or move it away "
                              "to train without that check") from None
