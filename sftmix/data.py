@@ -536,11 +536,64 @@ def tokenize_conversation(
     `tools`: the function schemas the template shows; an assistant turn's `tool_calls` are supervised as the
     template renders them, a tool's result is context.
     """
+    result = tokenize_conversations([(messages, tools)], tokenizer, max_length, truncation)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def tokenize_conversations(
+    conversations: list[tuple[list[dict[str, Any]], list[dict[str, Any]] | None]], tokenizer: Any,
+    max_length: int | None, truncation: str = "turns",
+) -> list[dict[str, Any] | TemplateError | TemplateMismatch]:
+    """`tokenize_conversation` for many (messages, tools) pairs; a conversation the template refuses gives its error.
+
+    Fast path: a prefix-preserving template (the common case) renders the conversation once per turn boundary,
+    all of them are encoded in one batched call (the fast tokenizer's own threads), the labels come from the
+    offsets, and turn truncation reads the cut off the whole encoding. The rest (generation markers, tools,
+    templates such as Qwen3's, a cut that is not on a special token) takes `_tokenize_one`, which gives the
+    same result for every conversation the fast path takes (tests/test_data.py compares them).
+    """
+    results: list[Any] = [None] * len(conversations)
+    batched: list[tuple[int, list[dict[str, Any]], _Layout]] = []
+    marked = GENERATION_MARKER.search(tokenizer.get_chat_template() or "")
+    for position, (messages, tools) in enumerate(conversations):
+        if not (marked or tools or any(message.get("tool_calls") for message in messages)):
+            messages = _through_last_turn(messages)
+            try:
+                layout = _prefix_layout(messages, tokenizer)
+            except (TemplateError, TemplateMismatch) as err:
+                results[position] = err
+                continue
+            if layout is not None:
+                batched.append((position, messages, layout))
+                continue
+        try:
+            results[position] = _tokenize_one(messages, tokenizer, max_length, truncation, tools)
+        except (TemplateError, TemplateMismatch) as err:
+            results[position] = err
+    if batched:
+        encodings = tokenizer([layout.text for _, _, layout in batched], add_special_tokens=False,
+                              return_offsets_mapping=True)
+        for (position, messages, layout), input_ids, offsets in zip(
+                batched, encodings["input_ids"], encodings["offset_mapping"]):
+            labels = _supervised_labels(input_ids, offsets, layout.spans)
+            results[position] = _truncate(messages, layout, list(input_ids), labels, offsets, tokenizer,
+                                          max_length, truncation)
+    return results
+
+
+def _through_last_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    turns = supervised_turns(messages)
+    return messages[: turns[-1] + 1] if turns else messages  # a trailing user turn teaches nothing
+
+
+def _tokenize_one(messages, tokenizer, max_length, truncation, tools) -> dict[str, Any]:
+    """One conversation by the general path: any template, tool calls, generation markers."""
     if tools or any(message.get("tool_calls") for message in messages):
         tokenizer = _WithTools(tokenizer, tools)
         _check_calls_rendered(messages, tokenizer)
-    turns = supervised_turns(messages)
-    messages = messages[: turns[-1] + 1] if turns else messages  # a trailing user turn teaches nothing
+    messages = _through_last_turn(messages)
     input_ids, labels = encode_conversation(messages, tokenizer)
     if max_length is None or len(input_ids) <= max_length:
         return {"input_ids": input_ids, "labels": labels, "truncated": False, "cuts": []}
@@ -548,6 +601,24 @@ def tokenize_conversation(
         return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": True,
                 "cuts": ["cut on the right"]}
     input_ids, labels, cuts = _fit_turns(messages, tokenizer, max_length)
+    return {"input_ids": input_ids, "labels": labels, "truncated": True, "cuts": cuts}
+
+
+def _truncate(messages, layout, input_ids, labels, offsets, tokenizer, max_length, truncation) -> dict[str, Any]:
+    """`_tokenize_one`'s truncation on a conversation already encoded whole."""
+    if max_length is None or len(input_ids) <= max_length:
+        return {"input_ids": input_ids, "labels": labels, "truncated": False, "cuts": []}
+    if truncation == "right":
+        return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": True,
+                "cuts": ["cut on the right"]}
+    kept = _fit_turns_encoded(layout, input_ids, offsets, tokenizer, max_length)
+    if kept is None:
+        input_ids, labels, cuts = _fit_turns(messages, tokenizer, max_length)
+    elif kept == 0:  # not even the first exchange fits
+        input_ids, labels, cuts = _cut_first_prompt(messages[: supervised_turns(messages)[0] + 1], tokenizer,
+                                                    max_length)
+    else:
+        input_ids, labels, cuts = input_ids[:kept], labels[:kept], ["later turns dropped"]
     return {"input_ids": input_ids, "labels": labels, "truncated": True, "cuts": cuts}
 
 
@@ -615,19 +686,45 @@ def _encode_generation_marked(messages, tokenizer) -> tuple[list[int], list[int]
     return input_ids, [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask)]
 
 
+@dataclass
+class _Layout:
+    """One rendering of a conversation by a prefix-preserving template, and where its turns lie in it."""
+
+    text: str
+    spans: list[tuple[int, int]]  # the supervised characters of each supervised turn
+    ends: list[int]  # per supervised turn, the length of the rendering of the conversation up to that turn
+
+
+def _prefix_layout(messages, tokenizer) -> _Layout | None:
+    """The conversation's rendering with its supervised spans, or None if the template is not prefix-preserving
+    here (a prompt or a shorter conversation does not render as the start of the whole)."""
+    turns = supervised_turns(messages)
+    if not turns:
+        return _Layout(_render(messages, tokenizer), [], [])
+    # Two batched calls: every turn's prompt, then the conversation up to every turn (the last one is the whole,
+    # as the conversation ends on its last supervised turn).
+    befores = tokenizer.apply_chat_template([messages[:index] for index in turns], tokenize=False,
+                                            add_generation_prompt=True)
+    throughs = tokenizer.apply_chat_template([messages[: index + 1] for index in turns], tokenize=False)
+    full = throughs[-1] if turns[-1] == len(messages) - 1 else _render(messages, tokenizer)
+    spans = []
+    for before, through in zip(befores, throughs):
+        if not (full.startswith(before) and full.startswith(through)) or (spans and len(before) < spans[-1][1]):
+            return None
+        spans.append((len(before), len(before) + _turn_end(through[len(before):], tokenizer)))
+    return _Layout(full, spans, [len(through) for through in throughs])
+
+
 def _prefix_pieces(messages, tokenizer) -> list[tuple[str, bool]] | None:
     """(text, supervised) pieces from one rendering, or None if the template is not prefix-preserving here."""
-    full = _render(messages, tokenizer)
+    layout = _prefix_layout(messages, tokenizer)
+    if layout is None:
+        return None
     pieces, position = [], 0
-    for index in supervised_turns(messages):
-        before = _render(messages[:index], tokenizer, generation_prompt=True)
-        through = _render(messages[: index + 1], tokenizer)
-        if not (full.startswith(before) and full.startswith(through)):
-            return None
-        end = len(before) + _turn_end(through[len(before):], tokenizer)
-        pieces += [(full[position : len(before)], False), (full[len(before) : end], True)]
+    for start, end in layout.spans:
+        pieces += [(layout.text[position:start], False), (layout.text[start:end], True)]
         position = end
-    return pieces + [(full[position:], False)]
+    return pieces + [(layout.text[position:], False)]
 
 
 def _turn_by_turn_pieces(messages, tokenizer) -> list[tuple[str, bool]]:
@@ -694,11 +791,21 @@ def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int]
     encoding = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False,
                          return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
-    labels = [
-        token if any(start < end_char and begin_char < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin_char, end_char) in zip(input_ids, encoding["offset_mapping"])
-    ]
-    return input_ids, labels
+    return input_ids, _supervised_labels(input_ids, encoding["offset_mapping"], spans)
+
+
+def _supervised_labels(input_ids, offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """The token where its characters overlap a supervised span (spans in order, disjoint), else IGNORE_INDEX."""
+    import numpy as np
+
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if not spans or not len(ids):
+        return [IGNORE_INDEX] * len(ids)
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = np.array(spans, dtype=np.int64).T
+    first = np.searchsorted(ends, offsets[:, 0], side="right")  # the first span ending after the token starts
+    overlaps = (first < len(spans)) & (starts[np.minimum(first, len(spans) - 1)] < offsets[:, 1])
+    return np.where(overlaps, ids, IGNORE_INDEX).tolist()
 
 
 # --------------------------------------------------------------------------- truncation
@@ -726,6 +833,43 @@ def _fit_turns(messages, tokenizer, max_length: int) -> tuple[list[int], list[in
     if best is not None:
         return *best, ["later turns dropped"]
     return _cut_first_prompt(messages[: turns[0] + 1], tokenizer, max_length)
+
+
+def _fit_turns_encoded(layout: _Layout, input_ids, offsets, tokenizer, max_length: int) -> int | None:
+    """`_fit_turns`' first rule read off the whole conversation's encoding: how many of its tokens to keep.
+
+    The conversation up to turn m renders as the whole rendering's first `layout.ends[m]` characters. When the
+    whole rendering goes on there with a special token, the tokenizer splits the text at that token before
+    anything else, so the shorter conversation encodes as the whole encoding's first tokens. None when a cut
+    is not at such a token: `_fit_turns` encodes it. 0 when not even the first exchange fits.
+    """
+    import numpy as np
+
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    ids = np.asarray(input_ids)
+    splitting = [token_id for token_id, token in tokenizer.added_tokens_decoder.items()
+                 if token.special and not token.lstrip]
+
+    def tokens_through(m: int) -> int | None:
+        end = layout.ends[m]
+        if max(layout.ends[: m + 1]) > end or layout.spans[m + 1][0] < end:
+            return None
+        at = np.flatnonzero((offsets[:, 0] == end) & np.isin(ids, splitting))
+        if len(at) != 1 or (offsets[: at[0], 1] > end).any() or (offsets[at[0]:, 0] < end).any():
+            return None
+        return int(at[0])
+
+    best, low, high = None, 0, len(layout.ends) - 2  # the same search as _fit_turns
+    while low <= high:
+        middle = (low + high) // 2
+        kept = tokens_through(middle)
+        if kept is None:
+            return None
+        if kept <= max_length:
+            best, low = kept, middle + 1
+        else:
+            high = middle - 1
+    return 0 if best is None else best
 
 
 def _cut_first_prompt(messages, tokenizer, max_length: int) -> tuple[list[int], list[int], list[str]]:
@@ -872,29 +1016,42 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
         report.source += f" (first {max_examples} records)"
     rows: dict[str, list] = {"id": [], "input_ids": [], "labels": []}
     fingerprint, source_fingerprint, record_digests = hashlib.sha256(), hashlib.sha256(), []
-    progress = tqdm(records, desc="Tokenising", unit="ex", mininterval=2)
-    for record, (messages, identifier) in zip(progress, messages_and_ids(records)):
+    progress = tqdm(total=len(records), desc="Tokenising", unit="ex", mininterval=2)
+    pending: list[tuple[Record, list[dict[str, Any]], str]] = []  # tokenised together, in batches
+
+    def tokenise_pending() -> None:
+        conversations = [(messages, record_tools(record)) for record, messages, _ in pending]
+        for (record, messages, identifier), tokens in zip(
+                pending, tokenize_conversations(conversations, tokenizer, max_length, truncation)):
+            if isinstance(tokens, Exception):
+                _count_template_rejection(report, record, tokens)
+                continue
+            _count_truncation(report, tokens)
+            if all(label == IGNORE_INDEX for label in tokens["labels"]):
+                report.dropped_no_supervised_tokens.append(identifier)
+                continue
+            fingerprint.update(json.dumps([identifier, messages], ensure_ascii=False).encode("utf-8"))
+            rows["id"].append(identifier)
+            rows["input_ids"].append(tokens["input_ids"])
+            rows["labels"].append(tokens["labels"])
+        progress.update(len(pending))
+        pending.clear()
+
+    for record, (messages, identifier) in zip(records, messages_and_ids(records)):
         record_text = json.dumps([record.data.get("id"), messages], ensure_ascii=False).encode("utf-8")
         source_fingerprint.update(record_text)
         record_digests.append(hashlib.sha256(record_text).hexdigest())
         if identifier is None:
             report.skip("no assistant reply to a user turn")
+            progress.update(1)
             continue
         if identifier != example_id(record, messages):
             report.skip("repeated id, made unique with a #k suffix (kept)")
-        try:
-            tokens = tokenize_conversation(messages, tokenizer, max_length, truncation, record_tools(record))
-        except (TemplateError, TemplateMismatch) as err:
-            _count_template_rejection(report, record, err)
-            continue
-        _count_truncation(report, tokens)
-        if all(label == IGNORE_INDEX for label in tokens["labels"]):
-            report.dropped_no_supervised_tokens.append(identifier)
-            continue
-        fingerprint.update(json.dumps([identifier, messages], ensure_ascii=False).encode("utf-8"))
-        rows["id"].append(identifier)
-        rows["input_ids"].append(tokens["input_ids"])
-        rows["labels"].append(tokens["labels"])
+        pending.append((record, messages, identifier))
+        if len(pending) == TOKENIZE_BATCH:
+            tokenise_pending()
+    tokenise_pending()
+    progress.close()
     report.num_examples = len(rows["id"])
     report.fingerprint = fingerprint.hexdigest()[:16]
     report.source_fingerprint = source_fingerprint.hexdigest()[:16]
@@ -902,6 +1059,9 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
     if not rows["id"]:
         raise DataError(f"{report.source}: no usable example ({report.summary()})")
     return datasets.Dataset.from_dict(rows), report
+
+
+TOKENIZE_BATCH = 512  # conversations per batched encode: the tokenizer's threads get work, the progress bar moves
 
 
 def _count_truncation(report: DataReport, tokens: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 import json
+import random
 from pathlib import Path
 
 import pytest
-from conftest import make_tokenizer, write_jsonl
+from conftest import WORDS, make_tokenizer, write_jsonl
 
 from sftmix.data import (
     DataError,
@@ -195,6 +196,58 @@ def test_turn_by_turn_equals_one_rendering_for_prefix_preserving_templates():
         assert [piece for piece in _turn_by_turn_pieces(messages, tokenizer) if piece[0]] == one_rendering
 
 
+def random_conversations(count: int, seed: int, system: bool) -> list[list[dict[str, str]]]:
+    """Multi-turn conversations of varied lengths, some opening with a system or an assistant turn, some ending
+    on a user turn."""
+    rng = random.Random(seed)
+    say = lambda: " ".join(rng.choices(WORDS, k=rng.randint(1, 25)))  # noqa: E731
+    conversations = []
+    for index in range(count):
+        messages = [{"role": "system", "content": say()}] if system and index % 3 == 0 else []
+        if index % 5 == 1:
+            messages.append({"role": "assistant", "content": say()})
+        for _ in range(rng.randint(1, 5)):
+            messages += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+        if index % 7 == 2:
+            messages.append({"role": "user", "content": say()})
+        conversations.append(messages)
+    return conversations
+
+
+@pytest.mark.parametrize("family", [*sorted(FAMILIES), "qwen3", "smollm2_marked"])
+def test_batched_tokenisation_equals_one_conversation_at_a_time(family, monkeypatch):
+    """The fast path (one batched encode, labels from offsets, turn truncation read off the whole encoding)
+    gives what the general path gives, conversation by conversation, at every max_length and truncation."""
+    import sftmix.data as data_module
+    from sftmix.data import _tokenize_one, tokenize_conversations
+
+    if family == "smollm2_marked":  # generation markers: always the general path
+        tokenizer = make_tokenizer(chat_template=(
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+            "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+            "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"))
+    else:
+        tokenizer = family_tokenizer(family)
+    conversations = random_conversations(16, seed=len(family), system=family != "mistral")
+    read_off = []
+    real = data_module._fit_turns_encoded
+    monkeypatch.setattr(data_module, "_fit_turns_encoded", lambda *a: read_off.append(real(*a)) or read_off[-1])
+    for max_length in (None, 8, 40, 120):
+        for truncation in ("turns", "right"):
+            batched = tokenize_conversations([(c, None) for c in conversations], tokenizer, max_length, truncation)
+            for messages, got in zip(conversations, batched):
+                try:
+                    expected = _tokenize_one(messages, tokenizer, max_length, truncation, None)
+                except Exception as err:  # noqa: BLE001 - the same refusal either way
+                    expected = err
+                assert type(got) is type(expected)
+                if isinstance(got, dict):
+                    assert got == expected
+    if family in ("smollm2", "qwen2_5", "llama3", "gemma"):  # cuts fall on a special token: no re-encoding
+        assert any(kept is not None for kept in read_off)
+
+
 def test_conversations_the_template_rejects_are_counted(tmp_path):
     """Mistral's template raises on a system turn: that record is skipped and counted, the others kept."""
     rows = [{"id": "ok", "messages": TWO_TURNS}, {"id": "system", "messages": SYSTEM + TWO_TURNS}]
@@ -353,8 +406,9 @@ def test_tokenised_data_is_cached_and_keyed(tmp_path, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     first, first_report = build_dataset(path, tokenizer, max_length=64)
     calls = []
-    real = data_module.tokenize_conversation
-    monkeypatch.setattr(data_module, "tokenize_conversation", lambda *a: calls.append(1) or real(*a))
+    real = data_module.tokenize_conversations
+    monkeypatch.setattr(data_module, "tokenize_conversations", lambda conversations, *a: calls.extend(conversations)
+                        or real(conversations, *a))
     second, second_report = build_dataset(path, tokenizer, max_length=64)
     assert calls == []  # served from the cache
     assert second.to_dict() == first.to_dict() and vars(second_report) == vars(first_report)
