@@ -548,39 +548,54 @@ def tokenize_conversations(
 ) -> list[dict[str, Any] | TemplateError | TemplateMismatch]:
     """`tokenize_conversation` for many (messages, tools) pairs; a conversation the template refuses gives its error.
 
-    Fast path: a prefix-preserving template (the common case) renders the conversation once per turn boundary,
-    all of them are encoded in one batched call (the fast tokenizer's own threads), the labels come from the
-    offsets, and turn truncation reads the cut off the whole encoding. The rest (generation markers, tools,
+    Fast path: a prefix-preserving template (the common case) renders the conversation once per turn boundary
+    (two batched template calls per slice of conversations), each slice is encoded in one batched call (the fast
+    tokenizer's threads, while the next slice renders), the labels come from the offsets, and turn truncation
+    reads the cut off the whole encoding. The rest (generation markers, tools,
     templates such as Qwen3's, a cut that is not on a special token) takes `_tokenize_one`, which gives the
     same result for every conversation the fast path takes (tests/test_data.py compares them).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     results: list[Any] = [None] * len(conversations)
-    batched: list[tuple[int, list[dict[str, Any]], _Layout]] = []
     marked = GENERATION_MARKER.search(tokenizer.get_chat_template() or "")
+    plain = [position for position, (messages, tools) in enumerate(conversations)
+             if not (marked or tools or any(message.get("tool_calls") for message in messages))]
+    batched: list[tuple[int, list[dict[str, Any]], _Layout]] = []
+    encoded = []
+    # The template renders (Python, one core) while the previous slice is encoded (Rust, off the GIL).
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        for start in range(0, len(plain), RENDER_SLICE):
+            positions = plain[start : start + RENDER_SLICE]
+            trimmed = [_through_last_turn(conversations[position][0]) for position in positions]
+            ready = []
+            for position, messages, layout in zip(positions, trimmed, _prefix_layouts(trimmed, tokenizer)):
+                if isinstance(layout, Exception):
+                    results[position] = layout
+                elif layout is not None:
+                    ready.append((position, messages, layout))
+            if ready:
+                batched += ready
+                encoded.append(encoder.submit(
+                    tokenizer, [layout.text for _, _, layout in ready], add_special_tokens=False,
+                    return_offsets_mapping=True, return_attention_mask=False, return_token_type_ids=False))
+    encodings = [encoding for future in encoded for encoding in zip(
+        future.result()["input_ids"], future.result()["offset_mapping"])]
+    for (position, messages, layout), (input_ids, offsets) in zip(batched, encodings):
+        labels = _supervised_labels(input_ids, offsets, layout.spans)
+        results[position] = _truncate(messages, layout, list(input_ids), labels, offsets, tokenizer,
+                                      max_length, truncation)
+    taken = {position for position, _, _ in batched}
     for position, (messages, tools) in enumerate(conversations):
-        if not (marked or tools or any(message.get("tool_calls") for message in messages)):
-            messages = _through_last_turn(messages)
+        if results[position] is None and position not in taken:
             try:
-                layout = _prefix_layout(messages, tokenizer)
+                results[position] = _tokenize_one(messages, tokenizer, max_length, truncation, tools)
             except (TemplateError, TemplateMismatch) as err:
                 results[position] = err
-                continue
-            if layout is not None:
-                batched.append((position, messages, layout))
-                continue
-        try:
-            results[position] = _tokenize_one(messages, tokenizer, max_length, truncation, tools)
-        except (TemplateError, TemplateMismatch) as err:
-            results[position] = err
-    if batched:
-        encodings = tokenizer([layout.text for _, _, layout in batched], add_special_tokens=False,
-                              return_offsets_mapping=True)
-        for (position, messages, layout), input_ids, offsets in zip(
-                batched, encodings["input_ids"], encodings["offset_mapping"]):
-            labels = _supervised_labels(input_ids, offsets, layout.spans)
-            results[position] = _truncate(messages, layout, list(input_ids), labels, offsets, tokenizer,
-                                          max_length, truncation)
     return results
+
+
+RENDER_SLICE = 64  # conversations rendered, then encoded, together
 
 
 def _through_last_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -698,15 +713,46 @@ class _Layout:
 def _prefix_layout(messages, tokenizer) -> _Layout | None:
     """The conversation's rendering with its supervised spans, or None if the template is not prefix-preserving
     here (a prompt or a shorter conversation does not render as the start of the whole)."""
-    turns = supervised_turns(messages)
-    if not turns:
-        return _Layout(_render(messages, tokenizer), [], [])
-    # Two batched calls: every turn's prompt, then the conversation up to every turn (the last one is the whole,
-    # as the conversation ends on its last supervised turn).
-    befores = tokenizer.apply_chat_template([messages[:index] for index in turns], tokenize=False,
-                                            add_generation_prompt=True)
-    throughs = tokenizer.apply_chat_template([messages[: index + 1] for index in turns], tokenize=False)
-    full = throughs[-1] if turns[-1] == len(messages) - 1 else _render(messages, tokenizer)
+    layout = _prefix_layouts([messages], tokenizer)[0]
+    if isinstance(layout, Exception):
+        raise layout
+    return layout
+
+
+def _prefix_layouts(conversations, tokenizer) -> list[_Layout | None | TemplateError | TemplateMismatch]:
+    """`_prefix_layout` of each conversation, or the template's error.
+
+    Two batched template calls for all of them: every turn's prompt, then the conversation up to every turn
+    (for a conversation that ends on its last turn, the last of these is the whole)."""
+    turns = [supervised_turns(messages) for messages in conversations]
+    layouts: list[Any] = [None] * len(conversations)
+    with_turns = [position for position, indices in enumerate(turns) if indices]
+    try:
+        befores = tokenizer.apply_chat_template(
+            [conversations[position][:index] for position in with_turns for index in turns[position]],
+            tokenize=False, add_generation_prompt=True) if with_turns else []
+        throughs = tokenizer.apply_chat_template(
+            [conversations[position][: index + 1] for position in with_turns for index in turns[position]],
+            tokenize=False) if with_turns else []
+    except (TemplateError, TemplateMismatch) as err:
+        if len(conversations) == 1:
+            return [err]
+        return [_prefix_layouts([messages], tokenizer)[0] for messages in conversations]  # find whose it is
+    start = 0
+    for position, indices in enumerate(turns):
+        messages, count = conversations[position], len(indices)
+        try:
+            full = throughs[start + count - 1] if indices and indices[-1] == len(messages) - 1 else _render(
+                messages, tokenizer)
+        except (TemplateError, TemplateMismatch) as err:
+            layouts[position] = err
+            continue
+        layouts[position] = _layout(full, befores[start : start + count], throughs[start : start + count], tokenizer)
+        start += count
+    return layouts
+
+
+def _layout(full: str, befores: list[str], throughs: list[str], tokenizer) -> _Layout | None:
     spans = []
     for before, through in zip(befores, throughs):
         if not (full.startswith(before) and full.startswith(through)) or (spans and len(before) < spans[-1][1]):
@@ -798,14 +844,23 @@ def _supervised_labels(input_ids, offsets, spans: list[tuple[int, int]]) -> list
     """The token where its characters overlap a supervised span (spans in order, disjoint), else IGNORE_INDEX."""
     import numpy as np
 
-    ids = np.asarray(input_ids, dtype=np.int64)
-    if not spans or not len(ids):
-        return [IGNORE_INDEX] * len(ids)
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if not spans or not len(input_ids):
+        return [IGNORE_INDEX] * len(input_ids)
+    ids = np.fromiter(input_ids, dtype=np.int64, count=len(input_ids))
+    offsets = _offsets_array(offsets)
     starts, ends = np.array(spans, dtype=np.int64).T
     first = np.searchsorted(ends, offsets[:, 0], side="right")  # the first span ending after the token starts
     overlaps = (first < len(spans)) & (starts[np.minimum(first, len(spans) - 1)] < offsets[:, 1])
     return np.where(overlaps, ids, IGNORE_INDEX).tolist()
+
+
+def _offsets_array(offsets):
+    """(tokens, 2) int64 array of (start, end) character offsets; fromiter is ~2.5x faster than asarray here."""
+    import itertools
+
+    import numpy as np
+
+    return np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------- truncation
@@ -845,8 +900,8 @@ def _fit_turns_encoded(layout: _Layout, input_ids, offsets, tokenizer, max_lengt
     """
     import numpy as np
 
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    ids = np.asarray(input_ids)
+    offsets = _offsets_array(offsets)
+    ids = np.fromiter(input_ids, dtype=np.int64, count=len(input_ids))
     splitting = [token_id for token_id, token in tokenizer.added_tokens_decoder.items()
                  if token.special and not token.lstrip]
 
@@ -1027,7 +1082,7 @@ def _tokenize_records(source, tokenizer, max_length, max_examples, split, trunca
                 _count_template_rejection(report, record, tokens)
                 continue
             _count_truncation(report, tokens)
-            if all(label == IGNORE_INDEX for label in tokens["labels"]):
+            if tokens["labels"].count(IGNORE_INDEX) == len(tokens["labels"]):
                 report.dropped_no_supervised_tokens.append(identifier)
                 continue
             fingerprint.update(json.dumps([identifier, messages], ensure_ascii=False).encode("utf-8"))
