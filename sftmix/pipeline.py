@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -472,8 +473,11 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
         "key": key,
     }, indent=2))
     dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
-    dyn.plot_data_map(rows, output_dir / "data_map.png",
-                      title=f"Data map ({len(rows)} examples, {len(scores)} checkpoints)")
+    if len(scores) > 1:  # variability needs two perplexities per example (online over one epoch has one)
+        dyn.plot_data_map(rows, output_dir / "data_map.png",
+                          title=f"Data map ({len(rows)} examples, {len(scores)} checkpoints)")
+    else:
+        (output_dir / "data_map.png").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
 
 
 def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None, dict]:
@@ -667,15 +671,22 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     train_path = str(data_dir / "train.jsonl")
     # The base model's weights, not only its path: a model retrained in place makes these stages stale.
     weights = model_identity(distributed.main_first(resolve_model_path, config.model_name_or_path))
-    if config.mixing_variants:  # Stage 1 only for the variants that read the confidence split
-        _dynamics_stage(config, run_dir, train_path, weights)
     variants = config.variants
+    runs = [f"{variant}-seed{seed}" for seed in config.seeds for variant in variants]
+    progress = RunProgress((["reference run and confidence split"] if config.mixing_variants else [])
+                           + [f"{stage} {name}" for name in runs for stage in ("train", "evaluate")])
+    if config.mixing_variants:  # Stage 1 only for the variants that read the confidence split
+        progress.start("reference run and confidence split")
+        _dynamics_stage(config, run_dir, train_path, weights)
     references = distributed.on_main(_reference_sets, config, data_dir)
     for seed in config.seeds:
         for variant in variants:
+            progress.start(f"train {variant}-seed{seed}")
             model_dir = _train_stage(config, run_dir, variant, seed, callbacks, weights)
+            progress.start(f"evaluate {variant}-seed{seed}")
             _eval_stage(config, run_dir, model_dir, references)
             _alpaca_eval_stage(config, run_dir, model_dir.name)
+    progress.finish()
     # the official AlpacaEval 2 scorer, when it runs, replaces our pairwise judge
     if config.judge_base_url and {"sftmix", "ntp"} <= set(variants) and not config.official_scorer:
         answers = [run_dir / "eval" / f"{v}-seed{s}" / "model_outputs.json" for s in config.seeds
@@ -685,6 +696,52 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
                lambda: distributed.on_main(report.judge_stage, config, run_dir))
     distributed.on_main(report.write_report, run_dir, config)
     return run_dir
+
+
+class RunProgress:
+    """One line per stage of `sftmix run` (rank 0, stderr): where the run is, the time so far, the time left.
+
+    The time left is the mean time of the finished stages of the same kind (train, evaluate; a training is
+    first estimated by the reference run, which trains as long) over the stages still to come; stages that
+    were up to date (under 2 s) do not count.
+    """
+
+    def __init__(self, stages: list[str], clock=time.monotonic):
+        self.stages, self.clock, self.current, self.took = stages, clock, None, {}
+        self.began = clock()
+
+    def start(self, stage: str) -> None:
+        now = self.clock()
+        if self.current is not None and now - self.current[1] >= 2:
+            self.took.setdefault(self._kind(self.current[0]), []).append(now - self.current[1])
+        self.current = (stage, now)
+        index = self.stages.index(stage)
+        left = [self._estimate(remaining) for remaining in self.stages[index:]]
+        eta = f", about {_clock(sum(left))} left" if all(value is not None for value in left) else ""
+        distributed.on_main(_say, f"sftmix run [{index + 1}/{len(self.stages)}] {stage} "
+                                  f"({_clock(now - self.began)} so far{eta})")
+
+    def finish(self) -> None:
+        distributed.on_main(_say, f"sftmix run: all {len(self.stages)} stages done in "
+                                  f"{_clock(self.clock() - self.began)}; writing the report")
+
+    def _estimate(self, stage: str) -> float | None:
+        kind = self._kind(stage)
+        seen = self.took.get(kind) or (self.took.get("reference") if kind == "train" else None)
+        return sum(seen) / len(seen) if seen else None
+
+    @staticmethod
+    def _kind(stage: str) -> str:
+        return stage.split()[0]
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _dynamics_stage(config: RunConfig, run_dir: Path, train_path: str, weights: dict) -> None:

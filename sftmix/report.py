@@ -189,6 +189,8 @@ def write_report(run_dir: Path, config) -> Path:
     for plot in ("confidence.png", "data_map.png"):
         if split is not None and (run_dir / "dynamics" / plot).exists():
             copy_atomic(run_dir / "dynamics" / plot, run_dir / plot)
+        else:
+            (run_dir / plot).unlink(missing_ok=True)  # not made this time (no split, or one checkpoint): not shown
     if comparisons:
         plot_differences(comparisons, run_dir / "differences.png")
     write_atomic(run_dir / "report.md", render(run_dir, config, json.loads((run_dir / "metrics.json").read_text())))

@@ -97,10 +97,13 @@ def test_embedded_default_dynamics_256_examples(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_run(tmp_path):
-    """Issue check: `sftmix run` with no arguments on the embedded default (~15 min on 2 cores)."""
+    """Issue check: `sftmix run` with no arguments on the embedded default (~3 min on 2 cores)."""
     result = run(sftmix("run"), cwd=tmp_path, timeout=3600)
     assert "Report: runs/quickstart/report.md" in result.stdout
-    assert (tmp_path / "runs" / "quickstart" / "metrics.json").exists()
+    assert "sftmix run [5/5] evaluate sftmix-seed42" in result.stderr  # each stage announced
+    metrics = json.loads((tmp_path / "runs" / "quickstart" / "metrics.json").read_text())
+    assert [row["variant"] for row in metrics["comparisons"]][:1] == ["sftmix"]  # SFTMix against NTP
+    assert "SFTMix costs" in (tmp_path / "runs" / "quickstart" / "report.md").read_text()
 
 
 def trl_sft_yaml(model_dir, dataset: str, extra: str = "") -> str:

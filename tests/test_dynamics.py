@@ -168,6 +168,13 @@ def test_online_dynamics_records_every_example_each_epoch(tiny_model_dir, tiny_d
     assert sum(row["group"] == "confident" for row in rows) == 8
 
 
+def test_one_perplexity_per_example_makes_no_data_map(tiny_model_dir, tiny_data, tmp_path):
+    output_dir = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], online=True, num_train_epochs=1))
+    rows = read(output_dir / "confidence.jsonl")
+    assert all(len(row["perplexities"]) == 1 and row["variability"] == 0 for row in rows)  # no spread to map
+    assert (output_dir / "confidence.png").exists() and not (output_dir / "data_map.png").exists()
+
+
 def test_online_dynamics_resume_after_kill(tiny_model_dir, tiny_data, tmp_path, caplog):
     import copy
 

@@ -114,9 +114,14 @@ def test_run_writes_report_and_resumes_after_kill(tiny_model_dir, run_data, tmp_
     assert comparable(json.loads((killed / "metrics.json").read_text())) == comparable(metrics)
 
 
-def test_unchanged_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, run_data, tmp_path, caplog):
+def test_unchanged_stages_are_skipped_and_changed_ones_rerun(tiny_model_dir, run_data, tmp_path, caplog, capsys):
     config = run_config(tmp_path, tiny_model_dir, run_data, variants=["sftmix"])
     run(config)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sftmix run")]
+    assert [line.split(" (")[0] for line in lines[:-1]] == [
+        "sftmix run [1/3] reference run and confidence split", "sftmix run [2/3] train sftmix-seed5",
+        "sftmix run [3/3] evaluate sftmix-seed5"]
+    assert lines[-1].startswith("sftmix run: all 3 stages done in")
     stamp = (tmp_path / "run" / "sftmix-seed5" / "model.safetensors").stat().st_mtime_ns
     caplog.clear()
     run(config)
