@@ -70,7 +70,7 @@ BOOKKEEPING_FIELDS = {
     "overwrite_output_dir", "ddp_timeout", "use_cpu", "local_rank", "log_level", "log_level_replica",
     "log_on_each_node", "skip_memory_metrics", "include_num_input_tokens_seen", "per_device_eval_batch_size",
     "bf16_full_eval", "fp16_full_eval", "batch_eval_metrics", "include_for_metrics", "prediction_loss_only",
-    "do_train", "do_eval", "do_predict", "scoring_batch_tokens",
+    "do_train", "do_eval", "do_predict", "scoring_batch_tokens", "sharded_scoring",
 }
 NOT_BOOKKEEPING = {"save_dtype", "dataloader_drop_last"}  # they change the saved weights / the steps taken
 # Inputs named by a path or a hub name: a key holds their content's identity (model weights, data fingerprint,
@@ -298,6 +298,12 @@ class _DynamicsFields:
     scoring_batch_tokens: int = field(
         default=16384, metadata={"help": "Padded tokens per scoring batch (examples are batched by length)."}
     )
+    sharded_scoring: bool | None = field(
+        default=None,
+        metadata={"help": "Score the checkpoints with their parameters partitioned over the processes (needs a "
+                  "DeepSpeed ZeRO-3 launch; each forward gathers them layer by layer) instead of a whole copy on "
+                  "every rank. Default: only when a whole copy would not fit one device."},
+    )
 
     def _check_dynamics_fields(self) -> None:
         check_ranges(self, {"split_ratio": "fraction", "num_checkpoints": "positive",
@@ -520,6 +526,12 @@ class EvalConfig(_EvalFields):
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length limit (greedy)."})
     batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
     scoring_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per scoring batch."})
+    sharded_scoring: bool | None = field(
+        default=None,
+        metadata={"help": "Score and generate with the model's parameters partitioned over the processes (needs a "
+                  "DeepSpeed ZeRO-3 launch) instead of a whole copy on every rank. Default: only when a whole copy "
+                  "would not fit one device."},
+    )
     use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is there."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     chat_template_path: str | None = field(

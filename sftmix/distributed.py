@@ -15,6 +15,8 @@ exit non-zero together (the launcher ends the others when one rank dies elsewher
     device(use_cpu)    this rank's device (its own GPU under a launcher)
     full_state_dict()  the whole model's weights on rank 0, whatever shards them (FSDP2, ZeRO-3)
     unpartitioned_loading()   load a whole model on this rank even inside a ZeRO-3 job
+    partitioned_loading() / zero3_inference(model)   load a model partitioned over a ZeRO-3 job and wrap it for
+                       inference (sharded scoring and evaluation)
     configure_launch(config) / check_launch(config)   make a launch work as asked, or refuse it
     leave(succeeded)   end this rank's part in the job before Python shuts down
 
@@ -195,8 +197,23 @@ def full_state_dict(wrapped_model, model) -> dict | None:
     if _zero_stage(wrapped_model) == 3:
         trainable_only = any(not parameter.requires_grad for parameter in model.parameters())  # LoRA: adapter only
         gathered = wrapped_model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
-        return gathered or {}  # DeepSpeed returns None on the ranks that do not write
+        gathered = gathered or {}  # DeepSpeed returns None on the ranks that do not write
+        if wrapped_model.bfloat16_enabled() or wrapped_model.fp16_enabled():
+            _use_float32_masters(gathered, model)
+        return gathered
     return None
+
+
+def _use_float32_masters(state_dict: dict, model) -> None:
+    """Under ZeRO-3 with bf16/fp16 the module holds 16-bit copies; the optimizer holds the float32 weights that
+    training updates. Save those, as one process (and TRL) would. A collective, one parameter at a time."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            full = safe_get_full_fp32_param(parameter)  # every rank takes part; None without an optimizer
+            if full is not None and name in state_dict:
+                state_dict[name] = full.detach().cpu()
 
 
 def _zero_stage(wrapped_model) -> int | None:
@@ -229,6 +246,73 @@ def unpartitioned_loading() -> Iterator[None]:
             os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
         else:
             os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient_loading
+
+
+def zero3_launch() -> bool:
+    """Whether this job was launched with DeepSpeed ZeRO-3 (accelerate's launch environment)."""
+    return (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
+def zero3_inference(model):
+    """A model loaded inside a ZeRO-3 job (`partitioned_loading`: each rank holds 1/N of every weight) wrapped for
+    inference: each forward gathers the parameters layer by layer, on every rank at once, so every rank must run
+    the same number of forwards. Returns the engine (keep it alive while the model is used)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=_inference_config(model.config, model.dtype))
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def partitioned_loading(model_path: str, dtype: str) -> Iterator[None]:
+    """`from_pretrained` inside this block partitions the model over the ZeRO-3 job as it loads (transformers does
+    so while a ZeRO-3 DeepSpeed config is registered: the training arguments' one, else this launch's)."""
+    from transformers import AutoConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from .model import torch_dtype
+
+    if hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    config = hf_deepspeed.HfDeepSpeedConfig(_inference_config(AutoConfig.from_pretrained(model_path),
+                                                              torch_dtype(dtype)))
+    try:
+        yield
+    finally:
+        del config
+        hf_deepspeed.unset_hf_deepspeed_config()
+
+
+def _inference_config(model_config, dtype) -> dict:
+    """The launch's DeepSpeed config without its training parts (optimizer, scheduler, optimizer offload), as TRL's
+    `prepare_deepspeed` does for reference models, with its "auto" values filled for inference."""
+    import copy
+
+    import torch
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = reference() if reference is not None else None
+    config = copy.deepcopy(registered.config if registered is not None else DeepSpeedPlugin().deepspeed_config)
+    for key in ("optimizer", "scheduler", "gradient_clipping"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    zero["stage"] = 3
+    hidden = getattr(model_config.get_text_config(), "hidden_size", None) or 1024
+    for key, value in (("reduce_bucket_size", hidden * hidden),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) in (None, "auto"):
+            zero[key] = value
+    config["zero_optimization"] = {key: value for key, value in zero.items() if value != "auto"}
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size(),
+                  bf16={"enabled": dtype == torch.bfloat16}, fp16={"enabled": dtype == torch.float16})
+    return {key: value for key, value in config.items() if value != "auto"}
 
 
 def describe_launch(wrapped_model, model) -> dict[str, Any]:

@@ -210,18 +210,22 @@ def pad_batch(dataset, indices: list[int], pad_id: int, device) -> dict[str, tor
 
 
 @torch.inference_mode()
-def score_model(model, dataset, max_tokens: int, pad_id: int, desc: str = "Scoring") -> tuple[list, list]:
+def score_model(model, dataset, max_tokens: int, pad_id: int, desc: str = "Scoring",
+                sharded: bool = False) -> tuple[list, list]:
     """Response NLL sum and token count of each example (dataset order). -> (nll_sum [N], num_tokens [N])
 
     Under a launcher each rank scores its share of the length-sorted batches and every rank
     gets all results, gathered by example index: N processes score about N times faster.
+    `sharded`: the model's parameters are partitioned over the ranks (`distributed.zero3_inference`), so every
+    forward is a collective: a rank with fewer batches runs spare forwards (results discarded) until all are done.
     """
     model.eval()
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in dataset["input_ids"]]
     batches = length_batches(lengths, max_tokens)
-    mine = assign_batches(batches, lengths, distributed.world_size())[distributed.rank()]
-    linear = head_is_linear(model)
+    shares = assign_batches(batches, lengths, distributed.world_size())
+    mine = shares[distributed.rank()]
+    linear = head_is_linear(model) and not sharded  # a partitioned head weight is only whole inside a forward
     progress = tqdm(total=sum(lengths[i] for batch in mine for i in batch), desc=desc, unit="tok", unit_scale=True,
                     mininterval=2, disable=not distributed.is_main())
     scored: list[tuple[int, float, int]] = []
@@ -229,6 +233,9 @@ def score_model(model, dataset, max_tokens: int, pad_id: int, desc: str = "Scori
         sums, counts = _batch_nll(model, pad_batch(dataset, indices, pad_id, device), linear)
         scored += [(index, float(sums[k]), int(counts[k])) for k, index in enumerate(indices)]
         progress.update(sum(lengths[index] for index in indices))
+    spare = pad_batch(dataset, [min(range(len(lengths)), key=lengths.__getitem__)], pad_id, device) if sharded else None
+    for _ in range(max(map(len, shares)) - len(mine) if sharded else 0):
+        _batch_nll(model, spare, linear)
     progress.close()
     nll_sum, num_tokens = [0.0] * len(lengths), [0] * len(lengths)
     for index, nll, count in (item for share in distributed.gather(scored) for item in share):

@@ -38,9 +38,10 @@ from .errors import InputError
 EVAL_DIVERGED = "the model diverged; evaluate another checkpoint"  # a NaN/inf NLL is refused, never written
 
 
-def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, desc: str = "NLL") -> dict[str, Any]:
+def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, desc: str = "NLL",
+                        sharded: bool = False) -> dict[str, Any]:
     """Mean response-token NLL and perplexity, overall (token-weighted) and per example."""
-    nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc=desc)
+    nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc=desc, sharded=sharded)
     check_finite_nll(dataset["id"], nll_sum, num_tokens, desc, EVAL_DIVERGED)
     total_tokens = sum(num_tokens)
     mean_nll = sum(nll_sum) / max(total_tokens, 1)
@@ -52,12 +53,12 @@ def response_perplexity(model, dataset, pad_id: int, max_tokens: int = 16384, de
             "num_examples": len(per_example), "per_example": per_example}
 
 
-def confidence_spread(model, dataset, pad_id: int, max_tokens: int = 16384) -> dict[str, Any]:
+def confidence_spread(model, dataset, pad_id: int, max_tokens: int = 16384, sharded: bool = False) -> dict[str, Any]:
     """The paper's diagnostic: std (and mean) of per-example confidence (= -perplexity) under one model.
 
     `per_example` ({id, confidence, num_tokens} in dataset order) lets the report bootstrap the std.
     """
-    nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc="Confidence")
+    nll_sum, num_tokens = score_model(model, dataset, max_tokens, pad_id, desc="Confidence", sharded=sharded)
     check_finite_nll(dataset["id"], nll_sum, num_tokens, "confidence spread", EVAL_DIVERGED)
     values = [-math.exp(nll / max(count, 1)) for nll, count in zip(nll_sum, num_tokens)]
     confidences = torch.tensor(values, dtype=torch.float64)
@@ -86,11 +87,13 @@ def set_names(paths: list[str]) -> list[str]:
 @torch.inference_mode()
 def generate_answers(
     model, tokenizer, conversations: list[list[str]], max_new_tokens: int = 256, batch_size: int = 8,
-    desc: str = "Generating",
+    desc: str = "Generating", sharded: bool = False,
 ) -> list[list[str]]:
     """Greedy answers to each conversation's user turns, turn by turn (MT-Bench style for several turns).
 
     conversations: one list of user messages per prompt -> one list of answers per prompt.
+    `sharded`: the parameters are partitioned over the ranks, so every forward is a collective: the ranks generate
+    in step (transformers' synced_gpus) and one with fewer batches runs spare ones (answers discarded).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -99,14 +102,24 @@ def generate_answers(
     num_turns = max(len(turns) for turns in conversations)
     progress = tqdm(total=sum(len(conversations[index]) for index in mine), desc=desc, unit="answer",
                     disable=not distributed.is_main())
+    calls = 0
     for turn in range(num_turns):
         pending = [index for index in mine if len(conversations[index]) > turn]
         for start in range(0, len(pending), batch_size):
             chunk = pending[start : start + batch_size]
             prompts = [_chat_prompt(tokenizer, conversations[index][: turn + 1], answers[index]) for index in chunk]
-            for index, text in zip(chunk, _generate(model, tokenizer, prompts, max_new_tokens, device)):
+            for index, text in zip(chunk, _generate(model, tokenizer, prompts, max_new_tokens, device, sharded)):
                 answers[index].append(text)
             progress.update(len(chunk))
+            calls += 1
+    if sharded:  # every rank makes as many generate calls as the busiest one
+        busiest = max(sum(-(-sum(len(conversations[index]) > turn for index in range(rank, len(conversations),
+                                                                                       distributed.world_size()))
+                            // batch_size) for turn in range(num_turns))
+                      for rank in range(distributed.world_size()))
+        for _ in range(busiest - calls):
+            _generate(model, tokenizer, [_chat_prompt(tokenizer, conversations[0][:1], [])], max_new_tokens, device,
+                      sharded)
     progress.close()
     everyone = {index: texts for share in distributed.gather(answers) for index, texts in share.items()}
     return [everyone[index] for index in range(len(conversations))]
@@ -121,7 +134,7 @@ def _chat_prompt(tokenizer, user_turns: list[str], previous_answers: list[str]) 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device, sharded: bool = False) -> list[str]:
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     try:
@@ -130,7 +143,7 @@ def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, device)
         tokenizer.padding_side = side
     output = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, synced_gpus=sharded,
     )
     new_tokens = output[:, batch["input_ids"].size(1) :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

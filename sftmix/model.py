@@ -329,6 +329,36 @@ def inference_dtype(device: str) -> str:
     return "float32"
 
 
+def whole_copy_bytes(path: str, dtype: str) -> int | None:
+    """Bytes of the model's weights at `dtype`, counted from its safetensors headers (no weight is read);
+    None when the folder has none (a hub name, .bin weights)."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return None
+    count = 0
+    for file in files:
+        with safe_open(str(file), "pt") as weights:
+            for name in weights.keys():
+                numel = 1
+                for size in weights.get_slice(name).get_shape():
+                    numel *= size
+                count += numel
+    return count * torch.empty((), dtype=torch_dtype(dtype)).element_size()
+
+
+def device_memory(device) -> int:
+    """Memory one process may use on `device`: the GPU's, or the machine's RAM shared by its local processes."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def convert_saved_dtype(directory: Path, dtype: str) -> None:
     """Cast the floating-point tensors of a saved model (`--save_dtype`) in place, shard by shard, atomically."""
     from safetensors.torch import load_file, save_file

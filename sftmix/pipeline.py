@@ -71,6 +71,7 @@ from .model import (
     check_model_path,
     check_vocabulary,
     convert_saved_dtype,
+    device_memory,
     inference_dtype,
     load_model,
     load_tokenizer,
@@ -78,6 +79,7 @@ from .model import (
     merge_adapter,
     model_revision,
     resolve_model_path,
+    whole_copy_bytes,
 )
 from .trainer import SFTMixTrainer, check_ids_match, training_cost, write_model_card
 
@@ -410,6 +412,8 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
         logger.warning("Tokenising with the tokenizer of %s (no --model_name_or_path)", config.checkpoints[0])
     resolve_datasets(config, with_test=False)  # the reference run is not evaluated
     prepared = prepare(config)
+    sharded = not config.online and sharded_scoring(config, prepared.model_path)
+    scoring_layout = {"sharded": sharded}
     ids = prepared.dataset["id"]
     check_split_counts(len(ids), config.split_ratio)
     key = dyn.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
@@ -424,14 +428,16 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     else:
         scores_dir = output_dir / "scores"
         scores = [
-            _checkpoint_scores(config, prepared, checkpoint, scores_dir / f"{k:02d}-{Path(checkpoint).name}.json")
+            _checkpoint_scores(config, prepared, checkpoint, scores_dir / f"{k:02d}-{Path(checkpoint).name}.json",
+                               sharded, scoring_layout)
             for k, checkpoint in enumerate(checkpoints)
         ]
     rows = confidence_rows(ids, scores, config.split_ratio)
     tokens = sum(len(row) for row in prepared.dataset["input_ids"])
     cost = {"reference run": reference_cost,  # None: given checkpoints (not trained here)
             "scoring": None if config.online else {"seconds": sum(score.seconds for score in scores),
-                                                   "tokens": tokens * len(scores), "passes": len(scores)}}
+                                                   "tokens": tokens * len(scores), "passes": len(scores),
+                                                   **scoring_layout}}
     distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows, key, cost)
     return output_dir
 
@@ -523,7 +529,43 @@ def _keep_weights_only(checkpoints: list[str]) -> None:
             strip_training_state(Path(checkpoint))
 
 
-def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path):
+def _inference_model(path: str, config, dtype: str, device, sharded: bool):
+    """(model, engine) for scoring and evaluation: a whole copy on this rank (engine None), or, `sharded`, the model
+    partitioned over the ZeRO-3 job as it loads (each rank keeps 1/N of every weight) and its inference engine."""
+    if not sharded:
+        with distributed.unpartitioned_loading():
+            return load_model(path, config.trust_remote_code, dtype=dtype,
+                              attn_implementation=config.attn_implementation).to(device), None
+    with distributed.partitioned_loading(path, dtype):
+        model = load_model(path, config.trust_remote_code, dtype=dtype, attn_implementation=config.attn_implementation)
+    engine = distributed.zero3_inference(model)
+    return engine.module, engine
+
+
+def sharded_scoring(config, model_path: str) -> bool:
+    """Whether to score with the parameters partitioned over a ZeRO-3 job: as asked, else only when a whole copy
+    would not fit one device; a model that fits no way is refused before any work."""
+    if config.sharded_scoring and not distributed.zero3_launch():
+        raise InputError("--sharded_scoring true needs a DeepSpeed ZeRO-3 launch, which partitions the model over "
+                         "the processes: accelerate launch --config_file configs/accelerate/zero3.yaml ...")
+    if config.sharded_scoring is not None:
+        return config.sharded_scoring
+    device = distributed.device(config.use_cpu)
+    needed, available = whole_copy_bytes(model_path, inference_dtype(device)), device_memory(device)
+    if needed is None or needed <= 0.8 * available:  # room left for activations
+        return False
+    if distributed.zero3_launch():
+        distributed.on_main(logger.warning, "Scoring with sharded parameters: a whole copy of %s (%.1f GiB) would "
+                            "not fit one device (%.1f GiB)", model_path, needed / 2**30, available / 2**30)
+        return True
+    raise InputError(
+        f"{model_path}: a whole copy of the model ({needed / 2**30:.1f} GiB in {inference_dtype(device)}) does not "
+        f"fit one device ({available / 2**30:.1f} GiB) to be scored: launch with a DeepSpeed ZeRO-3 config "
+        "(configs/accelerate/zero3.yaml), which scores it with its parameters sharded over the processes")
+
+
+def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path,
+                       sharded: bool = False, scoring_layout: dict | None = None):
     """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole."""
     key = dyn.scores_key(checkpoint, config, prepared)
     saved = distributed.on_main(dyn.load_scores, path, key)
@@ -533,14 +575,17 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
     weights = distributed.on_main(loadable_checkpoint, checkpoint, prepared.model_path,
                                   Path(config.output_dir) / "consolidated")
     device = distributed.device(config.use_cpu)
-    with distributed.unpartitioned_loading():
-        model = load_model(weights, config.trust_remote_code, dtype=inference_dtype(device),
-                           attn_implementation=config.attn_implementation).to(device)
+    model, engine = _inference_model(weights, config, inference_dtype(device), device, sharded)
     check_vocabulary(model, prepared.tokenizer, checkpoint)
+    # The largest share of the weights one rank holds (1 for whole copies; 1/N when partitioned), for dynamics.json
+    held = max(distributed.gather(sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())))
+    if scoring_layout is not None:
+        scoring_layout["share_of_weights_per_rank"] = held / sum(getattr(p, "ds_numel", p.numel())
+                                                                 for p in model.parameters())
     started = time.perf_counter()
     nll_sum, num_tokens = dyn.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
-        desc=f"Scoring {Path(checkpoint).name}",
+        desc=f"Scoring {Path(checkpoint).name}", sharded=sharded,
     )
     scores = CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
     distributed.on_main(dyn.check_scores, scores, prepared.dataset["id"])
@@ -562,9 +607,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     started, scored_tokens = time.perf_counter(), 0
     tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template_path, option="--model")
     device = distributed.device(config.use_cpu)
-    with distributed.unpartitioned_loading():  # every rank holds a whole model
-        model = load_model(config.model, config.trust_remote_code, dtype=config.dtype or inference_dtype(device),
-                           attn_implementation=config.attn_implementation).to(device)
+    sharded = sharded_scoring(config, config.model)
+    model, engine = _inference_model(config.model, config, config.dtype or inference_dtype(device), device, sharded)
     check_vocabulary(model, tokenizer, config.model)
     metrics: dict[str, Any] = {"model": config.model, "likelihood": {}}
     files: dict[str, Any] = {}  # file name -> rows, written by rank 0 at the end
@@ -572,22 +616,25 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         dataset, _ = distributed.main_first(build_dataset, path, tokenizer, config.max_length, config.max_examples)
         scored_tokens += sum(len(row) for row in dataset["input_ids"])
         result = ev.response_perplexity(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
-                                        desc=f"NLL {name}")
+                                        desc=f"NLL {name}", sharded=sharded)
         files[f"nll-{name}.jsonl"] = result.pop("per_example")
         metrics["likelihood"][name] = result | {"path": str(path)}
     if config.prompts:
-        metrics["generation"] = _generate(config, model, tokenizer, files)
+        metrics["generation"] = _generate(config, model, tokenizer, files, sharded)
     if config.mt_bench_questions:
-        metrics["mt_bench"] = _answer_mt_bench(config, model, tokenizer, files)
+        metrics["mt_bench"] = _answer_mt_bench(config, model, tokenizer, files, sharded)
     if config.confidence_dataset:
         dataset, _ = distributed.main_first(build_dataset, config.confidence_dataset, tokenizer, config.max_length,
                                             config.confidence_max_examples)
         scored_tokens += sum(len(row) for row in dataset["input_ids"])
-        spread = ev.confidence_spread(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens)
+        spread = ev.confidence_spread(model, dataset, tokenizer.pad_token_id, config.scoring_batch_tokens,
+                                      sharded=sharded)
         files["confidence_spread.jsonl"] = spread.pop("per_example")
         metrics["confidence"] = spread
     # what the evaluation cost (the official scorer, a remote judge, is not counted)
-    metrics["cost"] = {"seconds": round(time.perf_counter() - started, 3), "tokens": scored_tokens}
+    metrics["cost"] = {"seconds": round(time.perf_counter() - started, 3), "tokens": scored_tokens,
+                       "sharded": sharded}
+    del engine  # the partitioned model's engine lives as long as the model is used
     output_dir = Path(config.output_dir)
     distributed.on_main(_write_eval_outputs, output_dir, metrics, files)
     if config.official_scorer:  # decided by the config; the answers and every other number are on disk first
@@ -610,24 +657,24 @@ def _generator(config: EvalConfig) -> str:
     return config.generator or Path(config.model).name
 
 
-def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
+def _answer_mt_bench(config: EvalConfig, model, tokenizer, files: dict[str, Any], sharded: bool) -> dict[str, Any]:
     """FastChat MT-Bench answers (model_answer format), every turn answered greedily in order."""
     from . import evaluation as ev
 
     questions = load_prompts(config.mt_bench_questions)
     answers = ev.generate_answers(model, tokenizer, [q["turns"] for q in questions], config.max_new_tokens,
-                                  config.batch_size, desc="MT-Bench")
+                                  config.batch_size, desc="MT-Bench", sharded=sharded)
     files["mt_bench_answers.jsonl"] = ev.mt_bench_answers(questions, answers, _generator(config))
     return {"questions": len(questions), "turns": sum(len(q["turns"]) for q in questions)}
 
 
-def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any]) -> dict[str, Any]:
+def _generate(config: EvalConfig, model, tokenizer, files: dict[str, Any], sharded: bool) -> dict[str, Any]:
     """Answers in AlpacaEval format, and in MT-Bench format when a prompt has several turns."""
     from . import evaluation as ev
 
     prompts = load_prompts(config.prompts, config.num_generations)
     answers = ev.generate_answers(model, tokenizer, [p["turns"] for p in prompts], config.max_new_tokens,
-                                  config.batch_size)
+                                  config.batch_size, sharded=sharded)
     generator = _generator(config)
     files["model_outputs.json"] = ev.alpaca_eval_outputs(prompts, answers, generator)
     if any(len(p["turns"]) > 1 for p in prompts) and not config.mt_bench_questions:
@@ -812,7 +859,7 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: l
         output_dir=str(run_dir / "eval" / model_dir.name), generator=model_dir.name, max_length=config.max_length,
         num_generations=config.num_generations, max_new_tokens=config.max_new_tokens,
         batch_size=config.per_device_train_batch_size, scoring_batch_tokens=config.scoring_batch_tokens,
-        use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
+        sharded_scoring=config.sharded_scoring, use_cpu=config.use_cpu, trust_remote_code=config.trust_remote_code,
         attn_implementation=config.attn_implementation,
         mt_bench_questions=config.mt_bench_questions, alpaca_eval_scorer="off",
     )

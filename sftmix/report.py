@@ -319,7 +319,7 @@ def _cost_section(spent: dict[str, Any] | None) -> list[str]:
               for row in spent["stages"]]
     for variant, ratio in spent["overhead_vs_ntp_training"].items():
         lines += ["", f"{VARIANT_TITLES.get(variant, variant)} costs {ratio:.2f}x NTP's training: Stage 1 "
-                  f"({spent['stage_1_seconds']:.0f} s: the reference run and its scoring passes, shared by every "
+                  f"({spent['stage_1_seconds']:.0f} s: the reference run and any scoring passes, shared by every "
                   "mixing variant and seed, charged whole here) plus its own training, over NTP's training "
                   "(mean over seeds)."]
     return [*lines, ""]

@@ -169,11 +169,14 @@ def test_unservable_launches_are_refused_before_any_work(monkeypatch):
 # --------------------------------------------------------------------------- 2 processes
 
 
-@pytest.mark.parametrize("loss_type, per_device, accumulation", [("sftmix", 2, 2), ("ntp", 4, 1)])
-def test_uneven_data_two_processes_equal_one_process(loss_type, per_device, accumulation, tiny_model_dir, tmp_path):
-    """2 processes x batch 2 x 2 accumulated micro-batches (sftmix), 2 x 4 (ntp), optimise what 1 process x batch 8
-    does, on 20 examples, one epoch of global batches of 8: 3 steps, the last one not a multiple of the data. Each
-    step's losses and the final weights equal one process's (accelerate used to give rank 1 a repeat of batch 0)."""
+@pytest.mark.parametrize("loss_type, per_device, accumulation, engine", [("sftmix", 2, 2, "zero3"),
+                                                                         ("ntp", 4, 1, "ddp")])
+def test_uneven_data_two_processes_equal_one_process(loss_type, per_device, accumulation, engine, tiny_model_dir,
+                                                     tmp_path):
+    """2 processes x batch 2 x 2 accumulated micro-batches (sftmix, ZeRO-3), 2 x 4 (ntp, DDP), optimise what
+    1 process x batch 8 does, on 20 examples, one epoch of global batches of 8: 3 steps, the last one not a multiple
+    of the data. Each step's losses and the final weights equal one process's (accelerate used to give rank 1 a
+    repeat of batch 0). The sftmix loss under DDP on uneven data: test_run_two_processes_equals_one_process."""
     from conftest import write_groups
 
     rows = make_conversations(20, seed=5)
@@ -181,8 +184,8 @@ def test_uneven_data_two_processes_equal_one_process(loss_type, per_device, accu
             write_groups(tmp_path / "twenty-confidence.jsonl", [row["id"] for row in rows]))
     flags = train_flags(tiny_model_dir, data, per_device, "two", "--gradient_accumulation_steps", str(accumulation),
                         "--loss_type", loss_type, "--max_steps", "-1", "--num_train_epochs", "1")
-    launch("ddp", flags, tmp_path)
-    assert_ran_as(tmp_path / "two", "ddp")
+    launch(engine, flags, tmp_path)
+    assert_ran_as(tmp_path / "two", {"ddp": "ddp", "zero3": "deepspeed-zero3"}[engine])
     one = one_process(tiny_model_dir, data, tmp_path, "one", loss_type=loss_type, max_steps=-1, num_train_epochs=1)
     assert len(step_logs(one)) == 3
     assert_same_steps(tmp_path / "two", one)
@@ -198,6 +201,22 @@ def test_zero3_two_processes_equal_one_process_without_16bit_gathering(tiny_mode
     assert_same_weights(tmp_path / "two", tmp_path / "one")
     assert_sharded_checkpoint_is_scored(tmp_path / "two" / "checkpoint-2", "global_step2", tiny_model_dir, tiny_data,
                                         tmp_path)
+
+
+def test_zero3_bf16_saves_the_float32_master_weights(tiny_model_dir, tiny_data, tmp_path):
+    """With bf16 mixed precision ZeRO-3's module holds bf16 copies of the weights; the saved folder holds the float32
+    weights the optimizer updated (DeepSpeed's own 16-bit gathering would have saved the copies)."""
+    from safetensors.torch import load_file
+
+    launch("zero3", train_flags(tiny_model_dir, tiny_data, 4, "two", "--bf16", "true", "--use_cpu", "true"), tmp_path,
+           "--mixed_precision", "bf16")
+    assert_ran_as(tmp_path / "two", "deepspeed-zero3")
+    saved = load_file(tmp_path / "two" / "model.safetensors")
+    assert saved and all(tensor.dtype == torch.float32 for tensor in saved.values())
+    trained = saved["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(trained, trained.to(torch.bfloat16).float())  # not a bf16 copy cast up
+    base = load_file(tiny_model_dir / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(trained, base)  # trained
 
 
 def test_fsdp2_two_processes_equal_one_process(tiny_model_dir, tiny_data, tmp_path):
@@ -250,9 +269,11 @@ def test_lora_is_merged_from_the_whole_adapter(engine, config, tiny_model_dir, t
     assert changed and all("proj" in name for name in changed)  # the LoRA targets moved, nothing else
 
 
-def test_dynamics_reference_run_under_zero3_equals_one_process(tiny_model_dir, tiny_data, tmp_path):
-    """Under ZeRO-3 the other ranks used to exit after training, and loading a checkpoint on rank 0 crashed."""
-    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]), max_length=64,
+def test_dynamics_reference_run_under_zero3_equals_one_process(tiny_model_dir, tmp_path):
+    """Under ZeRO-3 the other ranks used to exit after training, and loading a checkpoint on rank 0 crashed.
+    18 examples in global batches of 4: the epoch's last step is not a multiple of the data."""
+    data = write_jsonl(tmp_path / "eighteen.jsonl", make_conversations(18, seed=6))
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(data), max_length=64,
                     learning_rate=1e-3, num_train_epochs=1, activation_checkpointing=False, seed=3,
                     scoring_batch_tokens=100, num_checkpoints=2)
     launch("zero3", ["dynamics", *cli_flags(settings), "--per_device_train_batch_size", "2", "--output_dir", "two"],
@@ -296,20 +317,34 @@ def test_dynamics_under_fsdp2_scores_with_whole_models_on_every_rank(tiny_model_
     assert [row["perplexities"] for row in two_rows] == [row["perplexities"] for row in one_rows]
 
 
-def test_run_two_processes_equals_one_process(tiny_model_dir, tmp_path):
-    """DDP: the same steps and metrics as one process. Rank 1 used to run ahead into training while rank 0 scored."""
-    data = write_jsonl(tmp_path / "data.jsonl", make_conversations(30, seed=4))
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_run_two_processes_equals_one_process(engine, tiny_model_dir, tmp_path):
+    """The same steps, confidence split and metrics as one process. Rank 1 used to run ahead into training while
+    rank 0 scored. 28 records, a fifth held out: every stage's last step is uneven. Under ZeRO-3 the scoring and
+    the evaluation run with the parameters sharded (--sharded_scoring)."""
+    data = write_jsonl(tmp_path / "data.jsonl", make_conversations(28, seed=4))
     settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(data), learning_rate=1e-3,
                     num_train_epochs=1, max_length=64, activation_checkpointing=False, eval_fraction=0.2,
                     num_generations=3, max_new_tokens=4, save_strategy="no", logging_steps=1,
                     scoring_batch_tokens=200, seeds=[5])
-    result = launch("ddp", ["run", *cli_flags(settings), "--per_device_train_batch_size", "2", "--output_dir", "two"],
-                    tmp_path)
+    sharded = ["--sharded_scoring", "true"] if engine == "zero3" else []
+    result = launch(engine, ["run", *cli_flags(settings), "--per_device_train_batch_size", "2", *sharded,
+                             "--output_dir", "two"], tmp_path)
     assert result.stdout.count("Report:") == 1
+    dynamics_cost = json.loads((tmp_path / "two" / "dynamics" / "dynamics.json").read_text())["cost"]
+    assert dynamics_cost["scoring"]["sharded"] == bool(sharded)
+    assert json.loads((tmp_path / "two" / "eval" / "sftmix-seed5" / "metrics.json").read_text())["cost"]["sharded"] \
+        == bool(sharded)
     run(RunConfig(**settings, per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), use_cpu=True,
                   disable_tqdm=True))
+    split = json.loads((tmp_path / "one" / "metrics.json").read_text())["split"]
+    assert (split["confident"]["count"] + split["unconfident"]["count"]) % 4 != 0  # global batches of 4: uneven
+    two_split, one_split = (read_jsonl(tmp_path / name / "dynamics" / "confidence.jsonl") for name in ("two", "one"))
+    assert [row["group"] for row in two_split] == [row["group"] for row in one_split]
+    for row_two, row_one in zip(two_split, one_split, strict=True):
+        assert row_two["confidence"] == pytest.approx(row_one["confidence"], rel=1e-5)
     for model in ("sftmix-seed5", "ntp-seed5"):
-        assert_ran_as(tmp_path / "two" / model, "ddp")
+        assert_ran_as(tmp_path / "two" / model, {"ddp": "ddp", "zero3": "deepspeed-zero3"}[engine])
         assert_same_steps(tmp_path / "two" / model, tmp_path / "one" / model)
         assert_same_weights(tmp_path / "two" / model, tmp_path / "one" / model)
     two_runs = json.loads((tmp_path / "two" / "metrics.json").read_text())["runs"]
@@ -351,3 +386,30 @@ def test_eval_two_processes_equals_one_process(tiny_model_dir, tiny_data, tmp_pa
     two_metrics, one_metrics = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
     assert two_metrics["likelihood"] == one_metrics["likelihood"]
     assert two_metrics["confidence"]["confidence_std"] == pytest.approx(one_metrics["confidence"]["confidence_std"])
+
+
+def test_sharded_scoring_under_zero3_equals_whole_copies(tiny_model_dir, tiny_data, tmp_path):
+    """--sharded_scoring: each rank holds half of the weights, every forward gathers them; the perplexities equal
+    one process's whole-copy scoring (15 examples: the ranks get different numbers of batches)."""
+    data = write_jsonl(tmp_path / "fifteen.jsonl", make_conversations(15, seed=7))
+    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(data), max_length=64,
+                    scoring_batch_tokens=100, checkpoints=[str(tiny_model_dir)])
+    launch("zero3", ["dynamics", *cli_flags(settings), "--sharded_scoring", "true", "--output_dir", "two"], tmp_path)
+    scoring = json.loads((tmp_path / "two" / "dynamics.json").read_text())["cost"]["scoring"]
+    assert scoring["sharded"] and scoring["share_of_weights_per_rank"] <= 0.55  # half each (plus padding)
+    dynamics(DynamicsConfig(**settings, output_dir=str(tmp_path / "one"), use_cpu=True, disable_tqdm=True))
+    one_scoring = json.loads((tmp_path / "one" / "dynamics.json").read_text())["cost"]["scoring"]
+    assert not one_scoring["sharded"] and one_scoring["share_of_weights_per_rank"] == 1
+    two_rows, one_rows = (read_jsonl(tmp_path / name / "confidence.jsonl") for name in ("two", "one"))
+    assert [row["group"] for row in two_rows] == [row["group"] for row in one_rows]
+    for row_two, row_one in zip(two_rows, one_rows, strict=True):
+        assert row_two["perplexities"] == pytest.approx(row_one["perplexities"], rel=1e-5)
+
+
+def test_sharded_scoring_needs_a_zero3_launch(tiny_model_dir, tiny_data, tmp_path):
+    config = DynamicsConfig(model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]), max_length=64,
+                            checkpoints=[str(tiny_model_dir)], sharded_scoring=True, output_dir=str(tmp_path / "d"),
+                            use_cpu=True)
+    with pytest.raises(InputError, match="--sharded_scoring true needs a DeepSpeed ZeRO-3 launch"):
+        dynamics(config)
+    assert not (tmp_path / "d" / "scores").exists()
