@@ -60,53 +60,6 @@ LOSS_WEIGHTS = {
     "mixup_only": lambda mu: (0.0, 1.0),
 }
 
-# --------------------------------------------------------------------------- what determines a result
-
-# Fields that change no trained weight: where and how often things are logged, saved, evaluated or reported.
-# A training resumes its checkpoints (`sftmix train`), and `sftmix run` reuses a finished stage, whatever they say.
-BOOKKEEPING_PREFIXES = ("logging_", "save_", "dataloader_", "eval_", "push_to_hub", "hub_", "trackio_")
-BOOKKEEPING_FIELDS = {
-    "output_dir", "logging_dir", "run_name", "project", "report_to", "disable_tqdm", "resume_from_checkpoint",
-    "overwrite_output_dir", "ddp_timeout", "use_cpu", "local_rank", "log_level", "log_level_replica",
-    "log_on_each_node", "skip_memory_metrics", "include_num_input_tokens_seen", "per_device_eval_batch_size",
-    "bf16_full_eval", "fp16_full_eval", "batch_eval_metrics", "include_for_metrics", "prediction_loss_only",
-    "do_train", "do_eval", "do_predict", "scoring_batch_tokens", "sharded_scoring",
-}
-NOT_BOOKKEEPING = {"save_dtype", "dataloader_drop_last"}  # they change the saved weights / the steps taken
-# Inputs named by a path or a hub name: a key holds their content's identity (model weights, data fingerprint,
-# file hash) instead, so the same file under another name changes nothing.
-INPUT_FIELDS = {
-    "model_name_or_path", "dataset_path", "dataset_name", "dataset_config", "datasets", "dataset_split",
-    "dataset_train_split", "dataset_test_split", "test_split_size", "max_examples", "confidence_path",
-    "eval_dataset_path", "checkpoints",
-}
-PATH_SETTINGS = ("chat_template_path", "deepspeed")  # settings that may name a file: compared resolved
-MIXUP_FIELDS = ("mixup_alpha", "mixup_weight", "mixup_lambda_per")  # no effect on a loss without Mixup
-
-
-def is_bookkeeping(name: str) -> bool:
-    return name not in NOT_BOOKKEEPING and (name in BOOKKEEPING_FIELDS or name.startswith(BOOKKEEPING_PREFIXES))
-
-
-def result_settings(config) -> dict:
-    """The settings that determine what a command trains or computes (given its inputs' content): every field
-    but the bookkeeping and input ones, and the Mixup fields of a loss without Mixup; with the number of
-    processes (it sets the global batch). The one definition behind `sftmix train`'s resume check and the keys
-    of `sftmix dynamics`' reference run and of `sftmix run`'s stages. JSON values, so a stored key compares equal.
-    """
-    # to_dict() masks every *_token field as a secret; the ones left here (eos_token, pad_token) are no secret
-    settings = {name: getattr(config, name) if name.endswith("_token") else value
-                for name, value in config.to_dict().items() if not is_bookkeeping(name) and name not in INPUT_FIELDS}
-    if getattr(config, "loss_type", None) == "ntp":
-        for name in MIXUP_FIELDS:
-            settings.pop(name, None)
-    for name in PATH_SETTINGS:
-        if isinstance(settings.get(name), str) and Path(settings[name]).expanduser().exists():
-            settings[name] = str(Path(settings[name]).expanduser().resolve())
-    settings["processes"] = distributed.world_size()
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
-
-
 @dataclass
 class SFTMixConfig(SFTConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig):
     # ---- what to train on (not in SFTConfig, which takes objects, not paths)

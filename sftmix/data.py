@@ -28,8 +28,9 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from . import keys
 from .errors import InputError
-from .files import atomic_directory, cache_error, cache_root, file_hash, write_jsonl
+from .files import atomic_directory, cache_error, cache_root, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -1002,23 +1003,9 @@ def _tokenized_cache_dir(source, tokenizer, max_length, max_examples, split, tru
     if (os.environ.get("SFTMIX_NO_CACHE") == "1" or backend is None or hasattr(source, "column_names")
             or not Path(str(source)).is_file()):
         return None
-    # The resolved path and the suffix (which picks the reader) belong to the key: the same bytes under
-    # another name are another file, maybe another format, and the report must name the file read.
-    resolved = Path(str(source)).resolve()
-    key = hashlib.sha256(json.dumps([
-        TOKENIZATION_VERSION, file_hash(source), str(resolved), resolved.suffix, split, max_length, truncation,
-        max_examples, tokenizer_fingerprint(tokenizer),
-    ]).encode()).hexdigest()[:24]
+    key = keys.tokenisation_key(source, tokenizer, TOKENIZATION_VERSION, split=split, max_length=max_length,
+                                truncation=truncation, max_examples=max_examples)
     return cache_root() / "tokenized" / key[:2] / key
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of what decides the token ids and the rendered text: the vocabulary and merges, the chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(json.dumps(
-        [type(tokenizer).__name__, tokenizer.chat_template, hashlib.sha256(vocabulary.encode()).hexdigest()]
-    ).encode()).hexdigest()[:16]
 
 
 def _load_cached(cached: Path):

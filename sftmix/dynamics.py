@@ -25,19 +25,16 @@ from transformers import TrainerCallback
 
 from . import distributed
 from .confidence import CheckpointScores
-from .config import result_settings
-from .data import tokenizer_fingerprint
 from .errors import InputError
 from .files import (
     CHECKPOINT,
-    key_changes,
-    model_identity,
     newest_complete_checkpoint,
     pyplot,
     save_figure,
     strip_training_state,
     write_atomic,
 )
+from .keys import key_changes
 from .losses import IGNORE_INDEX, response_nll
 from .model import head_is_linear
 
@@ -281,51 +278,6 @@ def load_scores(path: Path, key: dict) -> CheckpointScores | None:
                        key_changes(recorded, key) if recorded else "settings not recorded")
         return None
     return CheckpointScores(**saved)
-
-
-# --------------------------------------------------------------------------- what determines a result
-
-SPLIT_ONLY = ("split_ratio",)  # settings of `sftmix dynamics` that the reference run does not read
-SCORING_SETTINGS = ("max_length", "truncation")  # besides weights, tokenizer and data: what a checkpoint's scores read
-
-
-def _json_form(value: Any) -> Any:
-    """The value as it reads back from JSON (tuples -> lists, enums -> strings), so keys compare equal."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def reference_settings(config) -> dict[str, Any]:
-    """The settings that determine the reference run's checkpoints: those of any training
-    (`config.result_settings`: optimiser, schedule, length, precision, LoRA, C, online, processes, ...)
-    less the split's own."""
-    return {name: value for name, value in result_settings(config).items() if name not in SPLIT_ONLY}
-
-
-def reference_key(config, prepared) -> dict[str, Any]:
-    """What determines the reference run's checkpoints: base model, tokenizer, data and `reference_settings`."""
-    return _json_form({
-        "model": model_identity(prepared.model_path), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-        "data": prepared.report.fingerprint, **reference_settings(config),
-    })
-
-
-def scores_key(checkpoint: str, config, prepared) -> dict[str, Any]:
-    """What determines one checkpoint's scores: its weights, the tokenizer, the data, max_length and truncation."""
-    return _json_form({"checkpoint": model_identity(checkpoint), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                       "data": prepared.report.fingerprint,
-                       **{name: getattr(config, name) for name in SCORING_SETTINGS}})
-
-
-def dynamics_key(config, prepared) -> dict[str, Any]:
-    """What determines confidence.jsonl: the reference run (or the given checkpoints), the data, how it is scored
-    and the split."""
-    if config.checkpoints:
-        source = {"checkpoints": [model_identity(checkpoint) for checkpoint in config.checkpoints]}
-    else:
-        source = {"reference": reference_key(config, prepared)}
-    return _json_form({**source, "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-                       "data": prepared.report.fingerprint,
-                       **{name: getattr(config, name) for name in (*SCORING_SETTINGS, *SPLIT_ONLY)}})
 
 
 def clear_stale(output_dir: Path, key: dict[str, Any]) -> None:

@@ -147,28 +147,7 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def key_changes(old: dict, new: dict, limit: int = 6) -> str:
-    """'name: old -> new' for each field of two keys that differs (nested fields as a.b, values shortened):
-    why a stored result is not reused."""
-    def flat(key: dict, prefix: str = "") -> dict:
-        items: dict = {}
-        for name, value in key.items():
-            if isinstance(value, dict) and value:
-                items.update(flat(value, f"{prefix}{name}."))
-            else:
-                items[f"{prefix}{name}"] = value
-        return items
-
-    def short(value) -> str:
-        text = json.dumps(value, default=str)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    old, new = flat(old), flat(new)
-    changed = [f"{name}: {short(old.get(name))} -> {short(new.get(name))}"
-               for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
-    return "; ".join(changed[:limit]) + (f"; and {len(changed) - limit} more" if len(changed) > limit else "")
-
-
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a name that can be a hub model or dataset id
 SMALL_MODEL_BYTES = 64 << 20  # below this, a model's files are identified by their content, above by size and time
 NOT_WEIGHTS = ("optim", "scheduler", "rng_state", "trainer_state", "training_args", "scaler")
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from .data import packaged_file
 from .distributed import local_rank, unpartitioned_loading
 from .errors import InputError
-from .files import atomic_directory, cache_error, cache_root, model_identity, write_atomic
+from .files import HUB_ID, atomic_directory, cache_error, cache_root, model_identity, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +71,6 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         raise problem from err
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def check_model_path(name_or_path: str, option: str = "--model_name_or_path") -> None:

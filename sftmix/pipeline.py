@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers.trainer_utils import SaveStrategy
 
-from . import distributed
+from . import distributed, keys
 from . import dynamics as dyn
 from .confidence import CheckpointScores, confidence_rows, summarise
 from .config import (
@@ -35,8 +35,6 @@ from .config import (
     EvalConfig,
     RunConfig,
     SFTMixConfig,
-    is_bookkeeping,
-    result_settings,
 )
 from .data import (
     DataReport,
@@ -46,7 +44,6 @@ from .data import (
     mix_records,
     read_confidence,
     spec_records,
-    tokenizer_fingerprint,
     write_records,
 )
 from .errors import InputError
@@ -55,7 +52,6 @@ from .files import (
     checkpoint_damage,
     file_hash,
     jsonl_text,
-    key_changes,
     model_identity,
     newest_complete_checkpoint,
     out_of_space,
@@ -66,7 +62,6 @@ from .files import (
 )
 from .hub import push_output_dir
 from .model import (
-    HUB_ID,
     check_loadable,
     check_model_path,
     check_vocabulary,
@@ -182,15 +177,6 @@ def build_trainer(
 TRAINING_KEY = "training_key.json"  # in output_dir: what made its checkpoints (see `training_key`)
 
 
-def training_key(config: SFTMixConfig, prepared: Prepared) -> dict:
-    """What determines a training's checkpoints: the base model's weights, the tokenizer, the data, the
-    confidence split (mixing losses) and `result_settings` (not the bookkeeping: logging, saving, reporting)."""
-    return {"model": model_identity(prepared.model_path), "tokenizer": tokenizer_fingerprint(prepared.tokenizer),
-            "data": prepared.report.fingerprint,
-            "confidence": file_hash(config.confidence_path) if config.loss_type != "ntp" else None,
-            **result_settings(config)}
-
-
 def resume_checkpoint(config: SFTMixConfig, key: dict | None = None, also_needs: tuple[str, ...] = ()) -> str | None:
     """The checkpoint to resume from: the one asked for, else the newest complete one in output_dir
     (that also holds the `also_needs` files).
@@ -228,7 +214,7 @@ def check_same_training(output_dir: Path, key: dict) -> None:
     recorded = json.loads(recorded_file.read_text()) if recorded_file.exists() else None
     if recorded == key:
         return
-    changes = (key_changes(recorded, key) if recorded is not None
+    changes = (keys.key_changes(recorded, key) if recorded is not None
                else f"no {TRAINING_KEY}: written by an older sftmix or another tool")
     raise InputError(
         f"{output_dir} holds checkpoints of a training with other settings ({changes}); they are not resumed: "
@@ -301,7 +287,7 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     if config.loss_type != "ntp":
         groups = read_confidence(config.confidence_path)
         check_same_data(config.confidence_path, prepared, groups)
-    checkpoint = distributed.on_main(resume_checkpoint, config, training_key(config, prepared))
+    checkpoint = distributed.on_main(resume_checkpoint, config, keys.training_key(config, prepared))
     trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks, eval_dataset=eval_dataset)
     trainer.train(resume_from_checkpoint=checkpoint)
     output_dir = Path(config.output_dir)
@@ -416,7 +402,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     scoring_layout = {"sharded": sharded}
     ids = prepared.dataset["id"]
     check_split_counts(len(ids), config.split_ratio)
-    key = dyn.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
+    key = keys.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
     distributed.on_main(dyn.clear_stale, output_dir, key)
     checkpoints, online_records, reference_cost = config.checkpoints, None, None
     if not checkpoints:
@@ -567,7 +553,7 @@ def sharded_scoring(config, model_path: str) -> bool:
 def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path,
                        sharded: bool = False, scoring_layout: dict | None = None):
     """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole."""
-    key = dyn.scores_key(checkpoint, config, prepared)
+    key = keys.scores_key(checkpoint, config, prepared)
     saved = distributed.on_main(dyn.load_scores, path, key)
     if saved is not None:
         return saved
@@ -798,7 +784,7 @@ def _dynamics_stage(config: RunConfig, run_dir: Path, train_path: str, weights: 
                                dataset_path=train_path, max_examples=None, neftune_noise_alpha=None)
     inputs = {"data": _file_hash(train_path), "model_weights": weights,
               "checkpoints": [model_identity(path) for path in dyn_config.checkpoints or []]}
-    _stage(run_dir / "dynamics", {**inputs, **result_settings(dyn_config)}, lambda: dynamics(dyn_config))
+    _stage(run_dir / "dynamics", {**inputs, **keys.result_settings(dyn_config)}, lambda: dynamics(dyn_config))
 
 
 def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, callbacks,
@@ -818,7 +804,7 @@ def _train_stage(config: RunConfig, run_dir: Path, variant: str, seed: int, call
     )
     inputs = {"data": _file_hash(str(train_path)), "confidence": _file_hash(str(confidence_path)) if mixing else None,
               "model_weights": weights}
-    _stage(Path(train_config.output_dir), {**inputs, **result_settings(train_config)},
+    _stage(Path(train_config.output_dir), {**inputs, **keys.result_settings(train_config)},
            lambda: train(train_config, callbacks=callbacks))
     return Path(train_config.output_dir)
 
@@ -863,7 +849,7 @@ def _eval_stage(config: RunConfig, run_dir: Path, model_dir: Path, references: l
         attn_implementation=config.attn_implementation,
         mt_bench_questions=config.mt_bench_questions, alpaca_eval_scorer="off",
     )
-    settings = {name: value for name, value in vars(eval_config).items() if not is_bookkeeping(name)}
+    settings = {name: value for name, value in vars(eval_config).items() if not keys.is_bookkeeping(name)}
     inputs = {"model_weights": model_identity(model_dir),
               "file_contents": [_file_hash(path) for path in [*eval_config.dataset, eval_config.prompts, train_path]]}
     _stage(Path(eval_config.output_dir), {**settings, **inputs}, lambda: evaluate(eval_config), run_dir=run_dir)
@@ -952,42 +938,13 @@ def _stage(directory: Path, key: dict, work, run_dir: Path | None = None) -> Non
     naming what changed; a folder sftmix did not make is never removed. Rank 0 decides and
     keeps the books; every rank does the work (each stage coordinates its own writes).
     """
-    key = stage_key(key, run_dir if run_dir is not None else directory.parent)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = keys.stage_key(key, run_dir if run_dir is not None else directory.parent)
+    digest = keys.digest(key)
     if distributed.on_main(_open_stage, directory, digest, key) == "done":
         logger.warning("Stage %s: up to date, skipped", directory.name)
         return
     work()
     distributed.on_main(_close_stage, directory, digest, key)
-
-
-# Config fields and stage inputs that hold file or directory paths (and every field named *_path).
-PATH_FIELDS = {"dataset", "dataset_path", "datasets", "model", "model_name_or_path", "confidence_path", "checkpoints",
-               "resume_from_checkpoint", "prompts", "confidence_dataset", "eval_datasets", "generation_prompts",
-               "chat_template_path", "deepspeed", "alpaca_eval_reference"}
-
-
-def stage_key(key: dict, run_dir: str | Path) -> dict:
-    """`key` with its paths resolved, those inside the run folder relative to it: `o/R`, `/abs/o/R` and a
-    moved run folder give the same key. A name that is no local path (a hub id) is kept as it is."""
-    root = Path(run_dir).resolve()
-
-    def comparable(value):
-        if isinstance(value, (list, tuple)):
-            return [comparable(item) for item in value]
-        if isinstance(value, dict):  # a dataset mixture entry
-            return {name: comparable(item) if name in ("path", "data_files", "data_dir") else item
-                    for name, item in value.items()}
-        if not isinstance(value, str):
-            return value
-        path = Path(value).expanduser()
-        if not path.exists() and HUB_ID.fullmatch(value):
-            return value
-        resolved = path.resolve()
-        return f"<run>/{resolved.relative_to(root)}" if resolved.is_relative_to(root) else str(resolved)
-
-    return {name: comparable(value) if name in PATH_FIELDS or name.endswith("_path") else value
-            for name, value in key.items()}
 
 
 def _open_stage(directory: Path, digest: str, key: dict) -> str:
@@ -1004,7 +961,7 @@ def _open_stage(directory: Path, digest: str, key: dict) -> str:
                              "away or use another --output_dir: sftmix never deletes what it did not write")
         if finished is not None:
             logger.warning("Stage %s: settings changed since it finished (%s); it is redone and its results replaced",
-                           directory.name, key_changes(finished.get("inputs", {}), key))
+                           directory.name, keys.key_changes(finished.get("inputs", {}), key))
         shutil.rmtree(directory)
     write_atomic(pending, json.dumps({"key": digest}))
     done.unlink(missing_ok=True)

@@ -6,8 +6,9 @@ import pytest
 from conftest import make_conversations, write_jsonl
 
 from sftmix.cli import _parse
-from sftmix.config import SFTMixConfig, result_settings
+from sftmix.config import SFTMixConfig
 from sftmix.errors import InputError
+from sftmix.keys import result_settings
 from sftmix.pipeline import resolve_datasets
 
 

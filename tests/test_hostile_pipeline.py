@@ -11,7 +11,7 @@ import pytest
 from conftest import write_jsonl
 from test_pipeline import run_config
 
-from sftmix import pipeline
+from sftmix import keys, pipeline
 from sftmix.config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from sftmix.errors import InputError
 
@@ -144,12 +144,12 @@ def test_folder_not_made_by_sftmix_is_never_deleted(tmp_path):
 def test_stage_keys_hold_resolved_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text("{}\n")
-    spelled = [pipeline.stage_key({"dataset_path": path, "eval_dataset_path": path, "datasets": [{"path": path}],
+    spelled = [keys.stage_key({"dataset_path": path, "eval_dataset_path": path, "datasets": [{"path": path}],
                                    "seed": 1}, tmp_path / "R")
                for path in ("d.jsonl", str(tmp_path / "d.jsonl"), "./sub/../d.jsonl")]
     assert spelled[0] == spelled[1] == spelled[2]
     (tmp_path / "R" / "m").mkdir(parents=True)
-    inside = [pipeline.stage_key({"model": path}, run_dir)
+    inside = [keys.stage_key({"model": path}, run_dir)
               for path, run_dir in (("R/m", tmp_path / "R"), (str(tmp_path / "R" / "m"), "R"))]
     assert inside[0] == inside[1] and json.dumps(inside[0]).count(str(tmp_path)) == 0  # moves with the run folder
 
