@@ -83,7 +83,8 @@ def main() -> None:
 
     from sftmix.config import RunConfig, SFTMixConfig
     from sftmix.data import build_dataset, read_confidence
-    from sftmix.pipeline import build_trainer, prepare, split_heldout
+    from sftmix.recipes.common import build_trainer, prepare
+    from sftmix.recipes.run import split_heldout
 
     output_dir = Path(args.output_dir)
     split = RunConfig(output_dir=str(output_dir), max_examples=args.max_examples, eval_fraction=args.eval_fraction,

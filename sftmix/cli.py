@@ -199,7 +199,7 @@ def _describe(options) -> str:
 
 def _train(argv: list[str]) -> int:
     from .config import SFTMixConfig
-    from .pipeline import train
+    from .recipes.train import train
 
     output_dir = train(_parse(SFTMixConfig, "sftmix train", argv))
     print_on_main(f"Model saved to {output_dir}  (AutoModelForCausalLM.from_pretrained({str(output_dir)!r}))")
@@ -208,7 +208,7 @@ def _train(argv: list[str]) -> int:
 
 def _dynamics(argv: list[str]) -> int:
     from .config import DynamicsConfig
-    from .pipeline import dynamics
+    from .recipes.dynamics import dynamics
 
     output_dir = dynamics(_parse(DynamicsConfig, "sftmix dynamics", argv))
     print_on_main(f"Confidence split written to {output_dir / 'confidence.jsonl'} "
@@ -218,7 +218,7 @@ def _dynamics(argv: list[str]) -> int:
 
 def _run(argv: list[str]) -> int:
     from .config import RunConfig
-    from .pipeline import run
+    from .recipes.run import run
 
     if not argv:  # the quick start: the shipped config, sized for a 2-core CPU
         argv = ["--config", str(Path(__file__).with_name("quickstart.yaml"))]
@@ -229,7 +229,7 @@ def _run(argv: list[str]) -> int:
 
 def _eval(argv: list[str]) -> int:
     from .config import EvalConfig
-    from .pipeline import evaluate
+    from .recipes.evaluate import evaluate
 
     config = _parse(EvalConfig, "sftmix eval", argv)
     evaluate(config)

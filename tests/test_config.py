@@ -9,7 +9,7 @@ from sftmix.cli import _parse
 from sftmix.config import SFTMixConfig
 from sftmix.errors import InputError
 from sftmix.keys import result_settings
-from sftmix.pipeline import resolve_datasets
+from sftmix.recipes.common import resolve_datasets
 
 
 def parse_yaml(tmp_path, text: str) -> SFTMixConfig:

@@ -30,7 +30,9 @@ from sftmix.config import DynamicsConfig, RunConfig
 from sftmix.errors import InputError
 from sftmix.files import read_jsonl
 from sftmix.model import loadable_checkpoint
-from sftmix.pipeline import dynamics, run, train
+from sftmix.recipes.dynamics import dynamics
+from sftmix.recipes.run import run
+from sftmix.recipes.train import train
 
 pytestmark = pytest.mark.integration  # launches, CLI subprocesses, end-to-end runs
 

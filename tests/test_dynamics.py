@@ -14,7 +14,8 @@ from sftmix.confidence import split_groups
 from sftmix.config import DynamicsConfig
 from sftmix.data import build_dataset
 from sftmix.errors import InputError
-from sftmix.pipeline import dynamics, train
+from sftmix.recipes.dynamics import dynamics
+from sftmix.recipes.train import train
 
 
 def dynamics_config(tmp_path, model_dir, data_path, name="dyn", **overrides):

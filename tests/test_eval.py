@@ -15,7 +15,7 @@ from sftmix import evaluation as ev
 from sftmix.config import EvalConfig
 from sftmix.data import build_dataset
 from sftmix.errors import InputError
-from sftmix.pipeline import evaluate
+from sftmix.recipes.evaluate import evaluate
 
 ALPACA_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval" / "alpaca-7b.jsonl"
 

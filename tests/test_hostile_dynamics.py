@@ -9,7 +9,7 @@ from test_dynamics import dynamics_config
 from sftmix import dynamics as dyn
 from sftmix.confidence import CheckpointScores, confidence_rows
 from sftmix.errors import InputError
-from sftmix.pipeline import dynamics
+from sftmix.recipes.dynamics import dynamics
 
 
 def nan_head(model):
@@ -53,7 +53,7 @@ def test_checkpoint_with_fewer_embeddings_than_tokens_is_refused(tiny_model_dir,
 
 
 def test_missing_checkpoint_directory_is_named_before_any_work(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setattr("sftmix.pipeline.prepare", lambda config: pytest.fail("data prepared before the check"))
+    monkeypatch.setattr("sftmix.recipes.dynamics.prepare", lambda config: pytest.fail("data prepared before the check"))
     config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0],
                              checkpoints=[str(tiny_model_dir), str(tmp_path / "ref" / "checkpoint-9")])
     with pytest.raises(InputError, match=r"--checkpoints .*ref/checkpoint-9: no such directory"):
@@ -62,7 +62,7 @@ def test_missing_checkpoint_directory_is_named_before_any_work(tiny_model_dir, t
 
 def test_split_ratio_leaving_a_group_empty_is_refused_before_training(tiny_model_dir, tiny_data, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setattr("sftmix.pipeline.build_trainer", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr("sftmix.recipes.dynamics.build_trainer", lambda *a, **k: pytest.fail("training started"))
     config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], split_ratio=0.01)
     with pytest.raises(InputError, match=r"split_ratio 0.01 over 16 examples gives 0 confident and 16 unconfident"):
         dynamics(config)
@@ -71,7 +71,7 @@ def test_split_ratio_leaving_a_group_empty_is_refused_before_training(tiny_model
 def test_one_example_is_refused_with_advice_that_can_be_followed(tiny_model_dir, tmp_path, monkeypatch):
     from conftest import make_conversations, write_jsonl
 
-    monkeypatch.setattr("sftmix.pipeline.build_trainer", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr("sftmix.recipes.dynamics.build_trainer", lambda *a, **k: pytest.fail("training started"))
     one = write_jsonl(tmp_path / "one.jsonl", make_conversations(1))
     with pytest.raises(InputError, match=r"the data has 1 usable example\(s\); the confidence split needs at least 2"):
         dynamics(dynamics_config(tmp_path, tiny_model_dir, one))
@@ -216,7 +216,7 @@ def test_reordered_data_keeps_its_confidence_split(tiny_model_dir, tiny_data, tm
     from conftest import make_conversations, write_jsonl
     from test_trainer import make_config
 
-    from sftmix.pipeline import train
+    from sftmix.recipes.train import train
 
     split = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)]))
     reordered = write_jsonl(tmp_path / "reordered.jsonl", make_conversations(16)[::-1])

@@ -17,7 +17,7 @@ from sftmix import report
 from sftmix.config import EvalConfig
 from sftmix.data import load_prompts
 from sftmix.errors import InputError
-from sftmix.pipeline import evaluate
+from sftmix.recipes.evaluate import evaluate
 
 VERDICT_BODY = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Verdict: A"}}]}).encode()
 

@@ -1,6 +1,7 @@
 """Fault battery, the recipes: output directories in use or unwritable, run directories spelled in
 another way, stages whose settings changed, folders sftmix did not make."""
 
+import importlib
 import json
 import logging
 import os
@@ -11,9 +12,13 @@ import pytest
 from conftest import write_jsonl
 from test_pipeline import run_config
 
-from sftmix import keys, pipeline
+from sftmix import keys
 from sftmix.config import DynamicsConfig, EvalConfig, RunConfig, SFTMixConfig
 from sftmix.errors import InputError
+from sftmix.recipes.dynamics import dynamics
+from sftmix.recipes.evaluate import evaluate
+from sftmix.recipes.run import run
+from sftmix.recipes.train import train
 
 pytestmark = pytest.mark.integration  # launches, CLI subprocesses, end-to-end runs
 
@@ -42,10 +47,15 @@ def no_work(monkeypatch):
         pytest.fail("work started before the output directory was checked")
 
     for name in ("prepare", "load_tokenizer", "load_model", "split_heldout"):
-        monkeypatch.setattr(pipeline, name, refuse)
+        for module in RECIPE_MODULES:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
 
 
-RECIPES = {"train": pipeline.train, "dynamics": pipeline.dynamics, "eval": pipeline.evaluate, "run": pipeline.run}
+RECIPE_MODULES = [importlib.import_module(f"sftmix.recipes.{name}")
+                  for name in ("common", "train", "dynamics", "evaluate", "run")]
+run_recipe = RECIPE_MODULES[-1]
+RECIPES = {"train": train, "dynamics": dynamics, "eval": evaluate, "run": run}
 
 # --------------------------------------------------------------------------- 7. one run per output directory
 
@@ -71,7 +81,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tiny_model_dir, tiny_data, tmp_path):
     holder.kill()  # SIGKILL: no clean-up code runs
     holder.wait()
     assert (output_dir / ".sftmix.lock").exists()
-    result = pipeline.train(command_config("train", output_dir, tiny_model_dir, tiny_data[0]))
+    result = train(command_config("train", output_dir, tiny_model_dir, tiny_data[0]))
     assert (result / "model.safetensors").exists()
     assert not (output_dir / ".sftmix.lock").exists()  # a run that ends normally removes its lock file
 
@@ -93,7 +103,7 @@ def test_read_only_output_directory_is_refused_before_any_work(tiny_model_dir, t
     output_dir.chmod(0o555)
     try:
         with pytest.raises(InputError, match=r"read-only: cannot write to the output directory"):
-            pipeline.train(command_config("train", output_dir, tiny_model_dir, tiny_data[0]))
+            train(command_config("train", output_dir, tiny_model_dir, tiny_data[0]))
     finally:
         output_dir.chmod(0o755)
 
@@ -109,12 +119,12 @@ def test_run_directory_spelled_another_way_redoes_nothing(tiny_model_dir, tmp_pa
     write_jsonl(tmp_path / "data.jsonl", make_conversations(20, seed=4))
     relative = run_config(tmp_path, tiny_model_dir, "data.jsonl", variants=["sftmix"], output_dir="o/R",
                           num_generations=1)
-    pipeline.run(relative)
+    run(relative)
     model = tmp_path / "o" / "R" / "sftmix-seed5" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     for spelling in (str(tmp_path / "o" / "R"), "o/R", "./o/../o/R"):
         caplog.clear()
-        pipeline.run(run_config(tmp_path, tiny_model_dir, str(tmp_path / "data.jsonl"), variants=["sftmix"],
+        run(run_config(tmp_path, tiny_model_dir, str(tmp_path / "data.jsonl"), variants=["sftmix"],
                                 output_dir=spelling, num_generations=1))
         skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
         assert len(skipped) == 4, (spelling, [r.getMessage() for r in caplog.records])
@@ -123,10 +133,10 @@ def test_run_directory_spelled_another_way_redoes_nothing(tiny_model_dir, tmp_pa
 
 def test_stage_with_changed_settings_is_redone_naming_the_change(tmp_path, caplog):
     stage = tmp_path / "sftmix-seed1"
-    pipeline._stage(stage, {"mixup_weight": 0.2, "seed": 1}, lambda: (stage / "model.txt").write_text("0.2"))
+    run_recipe._stage(stage, {"mixup_weight": 0.2, "seed": 1}, lambda: (stage / "model.txt").write_text("0.2"))
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        pipeline._stage(stage, {"mixup_weight": 0.5, "seed": 1}, lambda: (stage / "model.txt").write_text("0.5"))
+        run_recipe._stage(stage, {"mixup_weight": 0.5, "seed": 1}, lambda: (stage / "model.txt").write_text("0.5"))
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "sftmix-seed1" in message and "mixup_weight: 0.2 -> 0.5" in message and "seed:" not in message
     assert (stage / "model.txt").read_text() == "0.5"
@@ -137,7 +147,7 @@ def test_folder_not_made_by_sftmix_is_never_deleted(tmp_path):
     stage.mkdir()
     (stage / "my-notes.txt").write_text("results of last week")
     with pytest.raises(InputError, match=r"eval holds files that `sftmix run` did not make.*my-notes\.txt"):
-        pipeline._stage(stage, {"k": 1}, lambda: None)
+        run_recipe._stage(stage, {"k": 1}, lambda: None)
     assert (stage / "my-notes.txt").read_text() == "results of last week"
 
 
@@ -168,12 +178,12 @@ def test_eval_stage_is_redone_when_its_model_was_retrained(tmp_path, monkeypatch
     model_dir = run_dir / "sftmix-seed1"
     model_dir.mkdir()
     evaluated = []
-    monkeypatch.setattr(pipeline, "evaluate", lambda config: evaluated.append(config.model))
+    monkeypatch.setattr(run_recipe, "evaluate", lambda config: evaluated.append(config.model))
     config = RunConfig(output_dir=str(run_dir), use_cpu=True)
     for weights in (b"first training", b"first training", b"retrained"):
         for name in weight_files:
             (model_dir / name).write_bytes(weights)
-        pipeline._eval_stage(config, run_dir, model_dir)
+        run_recipe._eval_stage(config, run_dir, model_dir)
     assert len(evaluated) == 2  # skipped when unchanged, redone after the retrain
 
 
@@ -189,7 +199,7 @@ def test_held_out_split_copies_values_json_has_no_type_for(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     config = RunConfig(output_dir=str(tmp_path / "run"), dataset_path=str(tmp_path / "d.parquet"), eval_fraction=0.2)
     data_dir = tmp_path / "run" / "data"
-    pipeline.split_heldout(config, data_dir)
+    run_recipe.split_heldout(config, data_dir)
     copied = [json.loads(line) for name in ("train.jsonl", "heldout.jsonl")
               for line in (data_dir / name).read_text().splitlines()]
     assert sorted(row["added"] for row in copied) == [f"2024-01-{day:02d}" for day in range(1, 11)]

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sftmix.data import build_dataset
 from sftmix.errors import InputError
-from sftmix.pipeline import dynamics, train
+from sftmix.recipes.dynamics import dynamics
+from sftmix.recipes.train import train
 from sftmix.trainer import SFTMixTrainer
 
 # --------------------------------------------------------------------------- 15. confidence covering more examples

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from sftmix.config import SFTMixConfig
 from sftmix.errors import InputError
 from sftmix.model import load_model, load_tokenizer, training_init_kwargs
-from sftmix.pipeline import train
+from sftmix.recipes.train import train
 
 
 def train_config(tmp_path, model_dir, data_path, **overrides) -> SFTMixConfig:
@@ -93,7 +93,7 @@ def test_qlora_is_refused_clearly_on_cpu(tmp_path):
 
 
 def test_lora_dropout_dora_and_rslora_train_and_merge(tiny_model_dir, tiny_data, tmp_path):
-    from sftmix.pipeline import build_trainer, prepare
+    from sftmix.recipes.common import build_trainer, prepare
 
     config = train_config(tmp_path, tiny_model_dir, tiny_data[0], use_peft=True, lora_r=4, lora_alpha=8,
                           lora_dropout=0.1, use_dora=True, use_rslora=True, lora_target_modules=["q_proj,v_proj"],

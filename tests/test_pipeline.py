@@ -9,7 +9,8 @@ from transformers import TrainerCallback
 
 from sftmix.config import VARIANT_LOSS_TYPES, VARIANTS, RunConfig, SFTMixConfig, resolve_variants
 from sftmix.errors import InputError
-from sftmix.pipeline import run, train
+from sftmix.recipes.run import run
+from sftmix.recipes.train import train
 
 pytestmark = pytest.mark.integration  # launches, CLI subprocesses, end-to-end runs
 

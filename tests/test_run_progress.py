@@ -1,6 +1,6 @@
 """`sftmix run`'s stage lines: where the run is, the time so far and an estimate of the time left."""
 
-from sftmix.pipeline import RunProgress
+from sftmix.recipes.run import RunProgress
 
 
 def test_time_left_is_estimated_from_finished_stages_of_the_same_kind(capsys):

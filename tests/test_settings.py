@@ -16,7 +16,8 @@ from trl.scripts.utils import DatasetMixtureConfig
 from sftmix import cli, settings
 from sftmix.config import DynamicsConfig, EvalConfig, RunConfig, SelectConfig, SFTMixConfig
 from sftmix.errors import InputError
-from sftmix.pipeline import dynamics, train
+from sftmix.recipes.dynamics import dynamics
+from sftmix.recipes.train import train
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 UPSTREAM = (TrainingArguments, SFTConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig)

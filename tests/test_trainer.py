@@ -8,7 +8,7 @@ from sftmix import trainer as trainer_module
 from sftmix.config import SFTMixConfig
 from sftmix.data import build_dataset, read_confidence
 from sftmix.losses import mixed_positions, sftmix_loss_reference
-from sftmix.pipeline import train
+from sftmix.recipes.train import train
 from sftmix.sampler import BalancedBatchSampler
 from sftmix.trainer import SFTMixTrainer
 

@@ -1,0 +1,231 @@
+"""`sftmix dynamics`: dataset -> NTP reference run with C checkpoints (or given checkpoints) -> response NLL
+per example and checkpoint (whole copies or sharded) -> confidence -> split -> files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+from transformers.trainer_utils import SaveStrategy
+
+from .. import distributed, keys
+from .. import dynamics as dyn
+from ..confidence import CheckpointScores, confidence_rows, summarise
+from ..config import DynamicsConfig
+from ..errors import InputError
+from ..files import strip_training_state, write_atomic, write_jsonl
+from ..model import (
+    check_model_path,
+    check_vocabulary,
+    device_memory,
+    inference_dtype,
+    load_model,
+    loadable_checkpoint,
+    whole_copy_bytes,
+)
+from ..trainer import training_cost
+from .common import Prepared, build_trainer, claims_output_dir, prepare, resolve_datasets, resume_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@claims_output_dir
+def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
+    """Write confidence.jsonl, dynamics.json and confidence.png to `config.output_dir`.
+
+    Every finished piece is on disk (reference checkpoints, one scores file per
+    checkpoint), so re-running the same command after a kill resumes where it stopped.
+    Under a launcher every rank trains, every rank scores its share of the examples at
+    each checkpoint, and rank 0 writes the files.
+    """
+    output_dir = Path(config.output_dir)
+    for checkpoint in config.checkpoints or []:
+        check_model_path(checkpoint, "--checkpoints")
+    if config.checkpoints and config.model_name_or_path is None:
+        # the checkpoints' own tokenizer (Trainer saves it in each one), not the embedded default's
+        config.model_name_or_path = config.checkpoints[0]
+        logger.warning("Tokenising with the tokenizer of %s (no --model_name_or_path)", config.checkpoints[0])
+    resolve_datasets(config, with_test=False)  # the reference run is not evaluated
+    prepared = prepare(config)
+    sharded = not config.online and sharded_scoring(config, prepared.model_path)
+    scoring_layout = {"sharded": sharded}
+    ids = prepared.dataset["id"]
+    check_split_counts(len(ids), config.split_ratio)
+    key = keys.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
+    distributed.on_main(dyn.clear_stale, output_dir, key)
+    checkpoints, online_records, reference_cost = config.checkpoints, None, None
+    if not checkpoints:
+        checkpoints, online_records, reference_cost = _reference_run(config, prepared, callbacks)
+    if config.online:
+        scores = dyn.online_scores(online_records, ids)
+        for score in scores:
+            dyn.check_scores(score, ids)
+    else:
+        scores_dir = output_dir / "scores"
+        scores = [
+            _checkpoint_scores(config, prepared, checkpoint, scores_dir / f"{k:02d}-{Path(checkpoint).name}.json",
+                               sharded, scoring_layout)
+            for k, checkpoint in enumerate(checkpoints)
+        ]
+    rows = confidence_rows(ids, scores, config.split_ratio)
+    tokens = sum(len(row) for row in prepared.dataset["input_ids"])
+    cost = {"reference run": reference_cost,  # None: given checkpoints (not trained here)
+            "scoring": None if config.online else {"seconds": sum(score.seconds for score in scores),
+                                                   "tokens": tokens * len(scores), "passes": len(scores),
+                                                   **scoring_layout}}
+    distributed.on_main(_write_dynamics_outputs, config, prepared, scores, rows, key, cost)
+    return output_dir
+
+
+def check_split_counts(count: int, split_ratio: float) -> None:
+    """Both groups must be non-empty for this many examples, or SFTMix has nothing to pair (refused before training)."""
+    confident = int(count * split_ratio)
+    if count < 2:
+        raise InputError(f"the data has {count} usable example(s); the confidence split needs at least 2 (one "
+                         "confident, one unconfident): use more data (check max_examples and max_length)")
+    if confident < 1 or confident >= count:
+        raise InputError(
+            f"split_ratio {split_ratio} over {count} examples gives {confident} confident and {count - confident} "
+            f"unconfident examples; both groups need at least one: use a split_ratio in "
+            f"[{1 / count:.3g}, {(count - 1) / count:.3g}] (0.5 is the paper's median split)"
+        )
+
+
+def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: list, rows: list[dict],
+                            key: dict, cost: dict) -> None:
+    """confidence.jsonl, dynamics.json (what produced it + distribution summary) and confidence.png."""
+    output_dir = Path(config.output_dir)
+    write_jsonl(output_dir / "confidence.jsonl", rows)
+    write_atomic(output_dir / "dynamics.json", json.dumps({
+        "model": prepared.model_path,
+        "tokenizer": getattr(prepared.tokenizer, "name_or_path", None),
+        "checkpoints": [score.checkpoint for score in scores],
+        "online": config.online,
+        "dataset": {"path": config.dataset_path or "embedded ShareGPT V3", "fingerprint": prepared.report.fingerprint,
+                    "source_fingerprint": prepared.report.source_fingerprint,
+                    "unordered_fingerprint": prepared.report.unordered_fingerprint,
+                    "max_length": config.max_length, "max_examples": config.max_examples,
+                    "report": vars(prepared.report) | {"dropped_no_supervised_tokens":
+                                                        len(prepared.report.dropped_no_supervised_tokens)}},
+        "split_ratio": config.split_ratio,
+        "processes": distributed.world_size(),
+        "summary": summarise(rows),
+        "cost": cost,  # wall time and tokens of the reference run and the scoring passes
+        "key": key,
+    }, indent=2))
+    dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
+    if len(scores) > 1:  # variability needs two perplexities per example (online over one epoch has one)
+        dyn.plot_data_map(rows, output_dir / "data_map.png",
+                          title=f"Data map ({len(rows)} examples, {len(scores)} checkpoints)")
+    else:
+        (output_dir / "data_map.png").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
+
+
+def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tuple[list[str], dict | None, dict]:
+    """NTP-train the reference model for C evenly spaced checkpoints (skipped when already done).
+
+    Only those C checkpoints are saved (not every `save_steps`), and each keeps only its weights (what
+    scoring reads) once a newer one can be resumed from: optimizer, scheduler and engine states (for an
+    8B model, 64 GB of Adam states per checkpoint) go, the last one's when the run is done.
+    """
+    reference = copy.deepcopy(config)
+    reference.output_dir = str(Path(config.output_dir) / "reference")
+    reference.eval_strategy = "no"  # the reference run only provides training dynamics
+    reference.save_strategy = SaveStrategy.NO  # SaveEvenlySpaced saves the C checkpoints
+    reference.save_total_limit = None  # all C checkpoints are scored
+    done = Path(reference.output_dir) / "reference.json"
+    finished = distributed.on_main(lambda: json.loads(done.read_text()) if done.exists() else None)
+    if finished is not None:
+        distributed.on_main(_keep_weights_only, finished["checkpoints"])  # a kill may have come before
+        return finished["checkpoints"], finished.get("online_nll"), finished.get("cost")
+    spacing = dyn.SaveEvenlySpaced(config.num_checkpoints)
+    trainer = build_trainer(reference, prepared, callbacks=[spacing, *(callbacks or [])], record_nll=config.online)
+    # Online: a kill between a checkpoint and its NLL records; resume from the newest checkpoint that has them.
+    resumable_needs = (dyn.SaveOnlineNLL.FILE,) if config.online else ()
+    checkpoint = distributed.on_main(resume_checkpoint, reference, also_needs=resumable_needs)
+    if config.online:
+        trainer.add_callback(dyn.SaveOnlineNLL(trainer))
+        trainer.online_nll.update(distributed.on_main(dyn.SaveOnlineNLL.load, checkpoint))
+    trainer.add_callback(dyn.KeepWeightsOnly(resumable_needs))  # last: after the checkpoint is whole
+    trainer.train(resume_from_checkpoint=checkpoint)
+    online = dyn.gather_online_nll(trainer) if config.online else None
+    checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in sorted(spacing.steps)]
+    trainer.accelerator.free_memory()  # the scoring passes load each checkpoint afresh
+    cost = training_cost(trainer.state.log_history)
+    distributed.on_main(write_atomic, done, json.dumps({"checkpoints": checkpoints, "online_nll": online,
+                                                        "cost": cost}))
+    distributed.on_main(_keep_weights_only, checkpoints)  # after reference.json: never resumed from again
+    return checkpoints, online, cost
+
+
+def _keep_weights_only(checkpoints: list[str]) -> None:
+    for checkpoint in checkpoints:
+        if Path(checkpoint).is_dir():
+            strip_training_state(Path(checkpoint))
+
+
+def _inference_model(path: str, config, dtype: str, device, sharded: bool):
+    """(model, engine) for scoring and evaluation: a whole copy on this rank (engine None), or, `sharded`, the model
+    partitioned over the ZeRO-3 job as it loads (each rank keeps 1/N of every weight) and its inference engine."""
+    if not sharded:
+        with distributed.unpartitioned_loading():
+            return load_model(path, config.trust_remote_code, dtype=dtype,
+                              attn_implementation=config.attn_implementation).to(device), None
+    with distributed.partitioned_loading(path, dtype):
+        model = load_model(path, config.trust_remote_code, dtype=dtype, attn_implementation=config.attn_implementation)
+    engine = distributed.zero3_inference(model)
+    return engine.module, engine
+
+
+def sharded_scoring(config, model_path: str) -> bool:
+    """Whether to score with the parameters partitioned over a ZeRO-3 job: as asked, else only when a whole copy
+    would not fit one device; a model that fits no way is refused before any work."""
+    if config.sharded_scoring and not distributed.zero3_launch():
+        raise InputError("--sharded_scoring true needs a DeepSpeed ZeRO-3 launch, which partitions the model over "
+                         "the processes: accelerate launch --config_file configs/accelerate/zero3.yaml ...")
+    if config.sharded_scoring is not None:
+        return config.sharded_scoring
+    device = distributed.device(config.use_cpu)
+    needed, available = whole_copy_bytes(model_path, inference_dtype(device)), device_memory(device)
+    if needed is None or needed <= 0.8 * available:  # room left for activations
+        return False
+    if distributed.zero3_launch():
+        distributed.on_main(logger.warning, "Scoring with sharded parameters: a whole copy of %s (%.1f GiB) would "
+                            "not fit one device (%.1f GiB)", model_path, needed / 2**30, available / 2**30)
+        return True
+    raise InputError(
+        f"{model_path}: a whole copy of the model ({needed / 2**30:.1f} GiB in {inference_dtype(device)}) does not "
+        f"fit one device ({available / 2**30:.1f} GiB) to be scored: launch with a DeepSpeed ZeRO-3 config "
+        "(configs/accelerate/zero3.yaml), which scores it with its parameters sharded over the processes")
+
+
+def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path,
+                       sharded: bool = False, scoring_layout: dict | None = None):
+    """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole."""
+    key = keys.scores_key(checkpoint, config, prepared)
+    saved = distributed.on_main(dyn.load_scores, path, key)
+    if saved is not None:
+        return saved
+    # Sharded checkpoints (FSDP's default, ZeRO without 16-bit gathering) are merged once, by rank 0.
+    weights = distributed.on_main(loadable_checkpoint, checkpoint, prepared.model_path,
+                                  Path(config.output_dir) / "consolidated")
+    device = distributed.device(config.use_cpu)
+    model, engine = _inference_model(weights, config, inference_dtype(device), device, sharded)
+    check_vocabulary(model, prepared.tokenizer, checkpoint)
+    # The largest share of the weights one rank holds (1 for whole copies; 1/N when partitioned), for dynamics.json
+    held = max(distributed.gather(sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())))
+    if scoring_layout is not None:
+        scoring_layout["share_of_weights_per_rank"] = held / sum(getattr(p, "ds_numel", p.numel())
+                                                                 for p in model.parameters())
+    started = time.perf_counter()
+    nll_sum, num_tokens = dyn.score_model(
+        model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
+        desc=f"Scoring {Path(checkpoint).name}", sharded=sharded,
+    )
+    scores = CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
+    distributed.on_main(dyn.check_scores, scores, prepared.dataset["id"])
+    distributed.on_main(dyn.save_scores, path, scores, key)
+    return scores
