@@ -368,10 +368,30 @@ def convert_saved_dtype(directory: Path, dtype: str) -> None:
         staging = shard.with_name(f".{shard.name}.tmp")
         save_file(tensors, staging, metadata={"format": "pt"})
         staging.replace(shard)
-    config_path = Path(directory) / "config.json"
+    set_config_dtype(Path(directory), dtype)
+
+
+def match_config_dtype(directory: Path) -> None:
+    """When every floating-point weight saved in `directory` has one dtype, make config.json name it."""
+    from safetensors import safe_open
+
+    dtypes = set()
+    for shard in Path(directory).glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as weights:
+            dtypes |= {str(weights.get_slice(name).get_dtype()) for name in weights.keys()}
+    floating = {name for name in dtypes if name.startswith(("F", "BF"))}  # F32, F16, BF16, F64
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    if len(floating) == 1 and floating <= set(names) and (Path(directory) / "config.json").exists():
+        set_config_dtype(Path(directory), names[floating.pop()])
+
+
+def set_config_dtype(directory: Path, dtype: str) -> None:
+    """Make config.json name `dtype`, the saved weights' (what `from_pretrained(dtype="auto")` loads)."""
+    config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
-    config["dtype"] = dtype
-    write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
+    if config.get("dtype") != dtype:
+        config["dtype"] = dtype
+        write_atomic(config_path, json.dumps(config, indent=2, sort_keys=True))
 
 
 def head_is_linear(model) -> bool:

@@ -55,7 +55,7 @@ from .losses import (
     sftmix_loss_fused,
     sftmix_loss_reference,
 )
-from .model import head_is_linear
+from .model import head_is_linear, match_config_dtype
 from .sampler import BalancedBatchSampler, ShuffledBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -415,8 +415,12 @@ class SFTMixTrainer(SFTTrainer):
         state_dict = distributed.full_state_dict(self.model_wrapped, self.model)
         if state_dict is None:
             super().save_model(output_dir, _internal_call=True)  # True: Trainer never pushes (hub.py does, at the end)
-        else:
-            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
+            return
+        output_dir = output_dir or self.args.output_dir
+        self._save(output_dir, state_dict=state_dict)
+        # config.json names the dtype `from_pretrained(dtype="auto")` loads: the saved weights' (ZeRO-3 with bf16
+        # saves float32 master weights, and save_pretrained writes the bf16 module's dtype)
+        distributed.on_main(match_config_dtype, Path(output_dir))  # every rank: a collective
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """No push per checkpoint: `--push_to_hub` uploads the finished output directory (hub.py)."""

@@ -194,24 +194,16 @@ def test_uneven_data_two_processes_equal_one_process(loss_type, per_device, accu
     assert_same_weights(tmp_path / "two", one)
 
 
-def test_zero3_two_processes_equal_one_process_without_16bit_gathering(tiny_model_dir, tiny_data, tmp_path):
-    """accelerate's default `--zero3_save_16bit_model false` used to save no weights, with exit 0."""
-    flags = train_flags(tiny_model_dir, tiny_data, 4, "two", "--save_strategy", "steps", "--save_steps", "2")
-    launch("zero3", flags, tmp_path, "--zero3_save_16bit_model", "false")
-    assert_ran_as(tmp_path / "two", "deepspeed-zero3")
-    assert_same_steps(tmp_path / "two", one_process(tiny_model_dir, tiny_data, tmp_path, "one"))
-    assert_same_weights(tmp_path / "two", tmp_path / "one")
-    assert_sharded_checkpoint_is_scored(tmp_path / "two" / "checkpoint-2", "global_step2", tiny_model_dir, tiny_data,
-                                        tmp_path)
-
-
-def test_zero3_bf16_saves_the_float32_master_weights(tiny_model_dir, tiny_data, tmp_path):
+def test_zero3_bf16_saves_the_float32_master_weights_without_16bit_gathering(tiny_model_dir, tiny_data, tmp_path):
     """With bf16 mixed precision ZeRO-3's module holds bf16 copies of the weights; the saved folder holds the float32
-    weights the optimizer updated (DeepSpeed's own 16-bit gathering would have saved the copies)."""
+    weights the optimizer updated (DeepSpeed's own 16-bit gathering would have saved the copies). accelerate's
+    default `--zero3_save_16bit_model false` used to save no weights, with exit 0; a checkpoint's engine shards
+    alone are merged and scored like its weights."""
     from safetensors.torch import load_file
 
-    launch("zero3", train_flags(tiny_model_dir, tiny_data, 4, "two", "--bf16", "true", "--use_cpu", "true"), tmp_path,
-           "--mixed_precision", "bf16")
+    flags = train_flags(tiny_model_dir, tiny_data, 4, "two", "--bf16", "true", "--use_cpu", "true",
+                        "--save_strategy", "steps", "--save_steps", "2")
+    launch("zero3", flags, tmp_path, "--mixed_precision", "bf16", "--zero3_save_16bit_model", "false")
     assert_ran_as(tmp_path / "two", "deepspeed-zero3")
     saved = load_file(tmp_path / "two" / "model.safetensors")
     assert saved and all(tensor.dtype == torch.float32 for tensor in saved.values())
@@ -219,6 +211,10 @@ def test_zero3_bf16_saves_the_float32_master_weights(tiny_model_dir, tiny_data, 
     assert not torch.equal(trained, trained.to(torch.bfloat16).float())  # not a bf16 copy cast up
     base = load_file(tiny_model_dir / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(trained, base)  # trained
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two", dtype="auto")  # config.json names the saved dtype
+    assert loaded.dtype == torch.float32 and torch.equal(loaded.model.layers[0].mlp.up_proj.weight.data, trained)
+    assert_sharded_checkpoint_is_scored(tmp_path / "two" / "checkpoint-2", "global_step2", tiny_model_dir, tiny_data,
+                                        tmp_path)
 
 
 def test_fsdp2_two_processes_equal_one_process(tiny_model_dir, tiny_data, tmp_path):
@@ -323,7 +319,8 @@ def test_dynamics_under_fsdp2_scores_with_whole_models_on_every_rank(tiny_model_
 def test_run_two_processes_equals_one_process(engine, tiny_model_dir, tmp_path):
     """The same steps, confidence split and metrics as one process. Rank 1 used to run ahead into training while
     rank 0 scored. 28 records, a fifth held out: every stage's last step is uneven. Under ZeRO-3 the scoring and
-    the evaluation run with the parameters sharded (--sharded_scoring)."""
+    the evaluation run with the parameters sharded (--sharded_scoring): each rank holds half of the weights, every
+    forward gathers them, and the confidences (rel 1e-5) and metrics equal one process's whole-copy scoring."""
     data = write_jsonl(tmp_path / "data.jsonl", make_conversations(28, seed=4))
     settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(data), learning_rate=1e-3,
                     num_train_epochs=1, max_length=64, activation_checkpointing=False, eval_fraction=0.2,
@@ -333,8 +330,9 @@ def test_run_two_processes_equals_one_process(engine, tiny_model_dir, tmp_path):
     result = launch(engine, ["run", *cli_flags(settings), "--per_device_train_batch_size", "2", *sharded,
                              "--output_dir", "two"], tmp_path)
     assert result.stdout.count("Report:") == 1
-    dynamics_cost = json.loads((tmp_path / "two" / "dynamics" / "dynamics.json").read_text())["cost"]
-    assert dynamics_cost["scoring"]["sharded"] == bool(sharded)
+    scoring = json.loads((tmp_path / "two" / "dynamics" / "dynamics.json").read_text())["cost"]["scoring"]
+    assert scoring["sharded"] == bool(sharded)
+    assert scoring["share_of_weights_per_rank"] <= (0.55 if sharded else 1)  # half each (plus padding), or whole
     assert json.loads((tmp_path / "two" / "eval" / "sftmix-seed5" / "metrics.json").read_text())["cost"]["sharded"] \
         == bool(sharded)
     run(RunConfig(**settings, per_device_train_batch_size=4, output_dir=str(tmp_path / "one"), use_cpu=True,
@@ -388,24 +386,6 @@ def test_eval_two_processes_equals_one_process(tiny_model_dir, tiny_data, tmp_pa
     two_metrics, one_metrics = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("two", "one"))
     assert two_metrics["likelihood"] == one_metrics["likelihood"]
     assert two_metrics["confidence"]["confidence_std"] == pytest.approx(one_metrics["confidence"]["confidence_std"])
-
-
-def test_sharded_scoring_under_zero3_equals_whole_copies(tiny_model_dir, tiny_data, tmp_path):
-    """--sharded_scoring: each rank holds half of the weights, every forward gathers them; the perplexities equal
-    one process's whole-copy scoring (15 examples: the ranks get different numbers of batches)."""
-    data = write_jsonl(tmp_path / "fifteen.jsonl", make_conversations(15, seed=7))
-    settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(data), max_length=64,
-                    scoring_batch_tokens=100, checkpoints=[str(tiny_model_dir)])
-    launch("zero3", ["dynamics", *cli_flags(settings), "--sharded_scoring", "true", "--output_dir", "two"], tmp_path)
-    scoring = json.loads((tmp_path / "two" / "dynamics.json").read_text())["cost"]["scoring"]
-    assert scoring["sharded"] and scoring["share_of_weights_per_rank"] <= 0.55  # half each (plus padding)
-    dynamics(DynamicsConfig(**settings, output_dir=str(tmp_path / "one"), use_cpu=True, disable_tqdm=True))
-    one_scoring = json.loads((tmp_path / "one" / "dynamics.json").read_text())["cost"]["scoring"]
-    assert not one_scoring["sharded"] and one_scoring["share_of_weights_per_rank"] == 1
-    two_rows, one_rows = (read_jsonl(tmp_path / name / "confidence.jsonl") for name in ("two", "one"))
-    assert [row["group"] for row in two_rows] == [row["group"] for row in one_rows]
-    for row_two, row_one in zip(two_rows, one_rows, strict=True):
-        assert row_two["perplexities"] == pytest.approx(row_one["perplexities"], rel=1e-5)
 
 
 def test_sharded_scoring_needs_a_zero3_launch(tiny_model_dir, tiny_data, tmp_path):

@@ -1,6 +1,8 @@
 """Hostile-input battery, training dynamics: diverged, mismatched or missing checkpoints, degenerate
 splits. A confidence split is never made from NaN, and NaN is never written into a JSON file."""
 
+import json
+
 import pytest
 import torch
 from conftest import model_variant
@@ -66,6 +68,25 @@ def test_split_ratio_leaving_a_group_empty_is_refused_before_training(tiny_model
     config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], split_ratio=0.01)
     with pytest.raises(InputError, match=r"split_ratio 0.01 over 16 examples gives 0 confident and 16 unconfident"):
         dynamics(config)
+
+
+def test_a_model_no_device_can_hold_is_refused_before_training_naming_the_launch_that_can(tiny_model_dir, tiny_data,
+                                                                                         tmp_path, monkeypatch):
+    """Whole copies on every rank need the model to fit one device; outside ZeRO-3 nothing else can score it."""
+    from sftmix.model import whole_copy_bytes
+
+    monkeypatch.setattr("sftmix.recipes.dynamics.build_trainer", lambda *a, **k: pytest.fail("training started"))
+    weights = whole_copy_bytes(str(tiny_model_dir), "float32")
+    assert weights > 0  # counted from the safetensors headers
+    monkeypatch.setattr("sftmix.recipes.dynamics.device_memory", lambda device: weights)  # > 80% of the device
+    with pytest.raises(InputError, match=r"a whole copy of the model \(0\.0 GiB in float32\) does not fit one device "
+                                         r".*configs/accelerate/zero3\.yaml"):
+        dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0]))
+    monkeypatch.undo()
+    monkeypatch.setattr("sftmix.recipes.dynamics.device_memory", lambda device: 2 * weights)  # fits: whole copies
+    meta = json.loads((dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="fits",
+                                                num_checkpoints=1)) / "dynamics.json").read_text())
+    assert meta["cost"]["scoring"]["sharded"] is False
 
 
 def test_one_example_is_refused_with_advice_that_can_be_followed(tiny_model_dir, tmp_path, monkeypatch):
