@@ -327,23 +327,31 @@ def inference_dtype(device: str) -> str:
     return "float32"
 
 
-def whole_copy_bytes(path: str, dtype: str) -> int | None:
-    """Bytes of the model's weights at `dtype`, counted from its safetensors headers (no weight is read);
-    None when the folder has none (a hub name, .bin weights)."""
-    import torch
+def saved_tensors(directory) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype such as "F32") of every tensor in a folder's safetensors files, read from
+    their headers (no weight is read); empty for a folder without them (or a hub name)."""
     from safetensors import safe_open
 
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    if not files:
+    stored: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")) if Path(directory).is_dir() else []:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                stored[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+    return stored
+
+
+def whole_copy_bytes(path: str, dtype: str) -> int | None:
+    """Bytes of the model's weights at `dtype`, counted from its safetensors headers; None when the folder has
+    none (a hub name, .bin weights)."""
+    import math
+
+    import torch
+
+    stored = saved_tensors(path)
+    if not stored:
         return None
-    count = 0
-    for file in files:
-        with safe_open(str(file), "pt") as weights:
-            for name in weights.keys():
-                numel = 1
-                for size in weights.get_slice(name).get_shape():
-                    numel *= size
-                count += numel
+    count = sum(math.prod(shape) for shape, _ in stored.values())
     return count * torch.empty((), dtype=torch_dtype(dtype)).element_size()
 
 
@@ -373,14 +381,8 @@ def convert_saved_dtype(directory: Path, dtype: str) -> None:
 
 def match_config_dtype(directory: Path) -> None:
     """When every floating-point weight saved in `directory` has one dtype, make config.json name it."""
-    from safetensors import safe_open
-
-    dtypes = set()
-    for shard in Path(directory).glob("*.safetensors"):
-        with safe_open(str(shard), "pt") as weights:
-            dtypes |= {str(weights.get_slice(name).get_dtype()) for name in weights.keys()}
-    floating = {name for name in dtypes if name.startswith(("F", "BF"))}  # F32, F16, BF16, F64
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    floating = {dtype for _, dtype in saved_tensors(directory).values() if dtype.startswith(("F", "BF"))}
     if len(floating) == 1 and floating <= set(names) and (Path(directory) / "config.json").exists():
         set_config_dtype(Path(directory), names[floating.pop()])
 
@@ -431,16 +433,12 @@ def check_loadable(model_dir: Path) -> None:
     architecture expects must be stored with its full shape. Raises RuntimeError otherwise.
     """
     import torch
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"), unpartitioned_loading():
         expected = AutoModelForCausalLM.from_config(config).state_dict()
-    stored: dict[str, tuple[int, ...]] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            stored.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    stored = {name: shape for name, (shape, _) in saved_tensors(model_dir).items()}
     tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) else set()
     missing = [name for name in expected if name not in stored and name not in tied]
     wrong = [name for name in expected if name in stored and stored[name] != tuple(expected[name].shape)]
