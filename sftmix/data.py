@@ -14,6 +14,7 @@ prefix-preserving templates, and templates such as Qwen3's that are not), and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -580,15 +581,16 @@ def tokenize_conversations(
                 encoded.append(encoder.submit(
                     tokenizer, [layout.text for _, _, layout in ready], add_special_tokens=False,
                     return_offsets_mapping=True, return_attention_mask=False, return_token_type_ids=False))
-    encodings = [encoding for future in encoded for encoding in zip(
-        future.result()["input_ids"], future.result()["offset_mapping"])]
+    encodings = [encoding for future in encoded for result in [future.result()]
+                 for encoding in zip(result["input_ids"], result["offset_mapping"])]
+    splitting = _splitting_tokens(tokenizer)
     for (position, messages, layout), (input_ids, offsets) in zip(batched, encodings):
+        offsets = _offsets_array(offsets)
         labels = _supervised_labels(input_ids, offsets, layout.spans)
-        results[position] = _truncate(messages, layout, list(input_ids), labels, offsets, tokenizer,
+        results[position] = _truncate(messages, layout, list(input_ids), labels, offsets, splitting, tokenizer,
                                       max_length, truncation)
-    taken = {position for position, _, _ in batched}
     for position, (messages, tools) in enumerate(conversations):
-        if results[position] is None and position not in taken:
+        if results[position] is None:  # not on the fast path (nor refused by the template there)
             try:
                 results[position] = _tokenize_one(messages, tokenizer, max_length, truncation, tools)
             except (TemplateError, TemplateMismatch) as err:
@@ -611,30 +613,31 @@ def _tokenize_one(messages, tokenizer, max_length, truncation, tools) -> dict[st
         _check_calls_rendered(messages, tokenizer)
     messages = _through_last_turn(messages)
     input_ids, labels = encode_conversation(messages, tokenizer)
-    if max_length is None or len(input_ids) <= max_length:
-        return {"input_ids": input_ids, "labels": labels, "truncated": False, "cuts": []}
-    if truncation == "right":
-        return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": True,
-                "cuts": ["cut on the right"]}
-    input_ids, labels, cuts = _fit_turns(messages, tokenizer, max_length)
-    return {"input_ids": input_ids, "labels": labels, "truncated": True, "cuts": cuts}
+    return _within(input_ids, labels, max_length, truncation, lambda: _fit_turns(messages, tokenizer, max_length))
 
 
-def _truncate(messages, layout, input_ids, labels, offsets, tokenizer, max_length, truncation) -> dict[str, Any]:
+def _truncate(messages, layout, input_ids, labels, offsets, splitting, tokenizer, max_length,
+              truncation) -> dict[str, Any]:
     """`_tokenize_one`'s truncation on a conversation already encoded whole."""
+    def fit_turns():
+        kept = _fit_turns_encoded(layout, input_ids, offsets, splitting, max_length)
+        if kept is None:
+            return _fit_turns(messages, tokenizer, max_length)
+        if kept == 0:  # not even the first exchange fits
+            return _cut_first_prompt(messages[: supervised_turns(messages)[0] + 1], tokenizer, max_length)
+        return input_ids[:kept], labels[:kept], ["later turns dropped"]
+
+    return _within(input_ids, labels, max_length, truncation, fit_turns)
+
+
+def _within(input_ids, labels, max_length, truncation, fit_turns) -> dict[str, Any]:
+    """The conversation as it is when it fits, else cut on the right or by `fit_turns()` -> (ids, labels, cuts)."""
     if max_length is None or len(input_ids) <= max_length:
         return {"input_ids": input_ids, "labels": labels, "truncated": False, "cuts": []}
     if truncation == "right":
         return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": True,
                 "cuts": ["cut on the right"]}
-    kept = _fit_turns_encoded(layout, input_ids, offsets, tokenizer, max_length)
-    if kept is None:
-        input_ids, labels, cuts = _fit_turns(messages, tokenizer, max_length)
-    elif kept == 0:  # not even the first exchange fits
-        input_ids, labels, cuts = _cut_first_prompt(messages[: supervised_turns(messages)[0] + 1], tokenizer,
-                                                    max_length)
-    else:
-        input_ids, labels, cuts = input_ids[:kept], labels[:kept], ["later turns dropped"]
+    input_ids, labels, cuts = fit_turns()
     return {"input_ids": input_ids, "labels": labels, "truncated": True, "cuts": cuts}
 
 
@@ -742,14 +745,14 @@ def _prefix_layouts(conversations, tokenizer) -> list[_Layout | None | TemplateE
     start = 0
     for position, indices in enumerate(turns):
         messages, count = conversations[position], len(indices)
+        own_befores, own_throughs = befores[start : start + count], throughs[start : start + count]
+        start += count
         try:
-            full = throughs[start + count - 1] if indices and indices[-1] == len(messages) - 1 else _render(
-                messages, tokenizer)
+            full = own_throughs[-1] if indices and indices[-1] == len(messages) - 1 else _render(messages, tokenizer)
         except (TemplateError, TemplateMismatch) as err:
             layouts[position] = err
             continue
-        layouts[position] = _layout(full, befores[start : start + count], throughs[start : start + count], tokenizer)
-        start += count
+        layouts[position] = _layout(full, own_befores, own_throughs, tokenizer)
     return layouts
 
 
@@ -838,17 +841,17 @@ def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int]
     encoding = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False,
                          return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
-    return input_ids, _supervised_labels(input_ids, encoding["offset_mapping"], spans)
+    return input_ids, _supervised_labels(input_ids, _offsets_array(encoding["offset_mapping"]), spans)
 
 
 def _supervised_labels(input_ids, offsets, spans: list[tuple[int, int]]) -> list[int]:
-    """The token where its characters overlap a supervised span (spans in order, disjoint), else IGNORE_INDEX."""
+    """The token where its characters overlap a supervised span (spans in order, disjoint), else IGNORE_INDEX.
+    `offsets`: the tokens' (start, end) characters, as `_offsets_array` gives them."""
     import numpy as np
 
     if not spans or not len(input_ids):
         return [IGNORE_INDEX] * len(input_ids)
     ids = np.fromiter(input_ids, dtype=np.int64, count=len(input_ids))
-    offsets = _offsets_array(offsets)
     starts, ends = np.array(spans, dtype=np.int64).T
     first = np.searchsorted(ends, offsets[:, 0], side="right")  # the first span ending after the token starts
     overlaps = (first < len(spans)) & (starts[np.minimum(first, len(spans) - 1)] < offsets[:, 1])
@@ -878,33 +881,48 @@ def _fit_turns(messages, tokenizer, max_length: int) -> tuple[list[int], list[in
        response is cut on the right.
     """
     turns = supervised_turns(messages)
-    best, low, high = None, 0, len(turns) - 2  # the whole conversation is known not to fit
-    while low <= high:
-        middle = (low + high) // 2
-        encoded = encode_conversation(messages[: turns[middle] + 1], tokenizer)
-        if len(encoded[0]) <= max_length:
-            best, low = encoded, middle + 1
-        else:
-            high = middle - 1
-    if best is not None:
-        return *best, ["later turns dropped"]
+    encoded = functools.cache(lambda m: encode_conversation(messages[: turns[m] + 1], tokenizer))
+    best = _longest_fitting(len(turns), lambda m: len(encoded(m)[0]), max_length)
+    if best >= 0:
+        return *encoded(best), ["later turns dropped"]
     return _cut_first_prompt(messages[: turns[0] + 1], tokenizer, max_length)
 
 
-def _fit_turns_encoded(layout: _Layout, input_ids, offsets, tokenizer, max_length: int) -> int | None:
+def _longest_fitting(count: int, length_of: Callable[[int], int | None], max_length: int) -> int | None:
+    """The last supervised turn m (of `count`; the whole conversation is known not to fit) such that the
+    conversation cut after it is at most max_length tokens long, by binary search over `length_of(m)`:
+    -1 when none fits, None when `length_of` cannot tell (returns None)."""
+    best, low, high = -1, 0, count - 2
+    while low <= high:
+        middle = (low + high) // 2
+        length = length_of(middle)
+        if length is None:
+            return None
+        if length <= max_length:
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def _splitting_tokens(tokenizer) -> list[int]:
+    """Ids of the special tokens the tokenizer splits the text at before anything else (no left-strip)."""
+    return [token_id for token_id, token in tokenizer.added_tokens_decoder.items()
+            if token.special and not token.lstrip]
+
+
+def _fit_turns_encoded(layout: _Layout, input_ids, offsets, splitting: list[int], max_length: int) -> int | None:
     """`_fit_turns`' first rule read off the whole conversation's encoding: how many of its tokens to keep.
 
     The conversation up to turn m renders as the whole rendering's first `layout.ends[m]` characters. When the
-    whole rendering goes on there with a special token, the tokenizer splits the text at that token before
+    whole rendering goes on there with a `splitting` token, the tokenizer splits the text at that token before
     anything else, so the shorter conversation encodes as the whole encoding's first tokens. None when a cut
     is not at such a token: `_fit_turns` encodes it. 0 when not even the first exchange fits.
+    `offsets`: as `_offsets_array` gives them.
     """
     import numpy as np
 
-    offsets = _offsets_array(offsets)
     ids = np.fromiter(input_ids, dtype=np.int64, count=len(input_ids))
-    splitting = [token_id for token_id, token in tokenizer.added_tokens_decoder.items()
-                 if token.special and not token.lstrip]
 
     def tokens_through(m: int) -> int | None:
         end = layout.ends[m]
@@ -915,17 +933,8 @@ def _fit_turns_encoded(layout: _Layout, input_ids, offsets, tokenizer, max_lengt
             return None
         return int(at[0])
 
-    best, low, high = None, 0, len(layout.ends) - 2  # the same search as _fit_turns
-    while low <= high:
-        middle = (low + high) // 2
-        kept = tokens_through(middle)
-        if kept is None:
-            return None
-        if kept <= max_length:
-            best, low = kept, middle + 1
-        else:
-            high = middle - 1
-    return 0 if best is None else best
+    best = _longest_fitting(len(layout.ends), tokens_through, max_length)
+    return None if best is None else 0 if best < 0 else tokens_through(best)
 
 
 def _cut_first_prompt(messages, tokenizer, max_length: int) -> tuple[list[int], list[int], list[str]]:
