@@ -112,7 +112,9 @@ def generate_answers(
                 answers[index].append(text)
             progress.update(len(chunk))
             calls += 1
-    if sharded:  # every rank makes as many generate calls as the busiest one
+    # Sharded: every rank makes as many generate calls as the busiest one, counted from the shares every rank
+    # knows (gathering the counts would be a collective while another rank still generates, and hang).
+    if sharded:
         busiest = max(sum(-(-sum(len(conversations[index]) > turn for index in range(rank, len(conversations),
                                                                                        distributed.world_size()))
                             // batch_size) for turn in range(num_turns))

@@ -319,11 +319,12 @@ def test_run_two_processes_equals_one_process(engine, tiny_model_dir, tmp_path):
     """The same steps, confidence split and metrics as one process. Rank 1 used to run ahead into training while
     rank 0 scored. 28 records, a fifth held out: every stage's last step is uneven. Under ZeRO-3 the scoring and
     the evaluation run with the parameters sharded (--sharded_scoring): each rank holds half of the weights, every
-    forward gathers them, and the confidences (rel 1e-5) and metrics equal one process's whole-copy scoring."""
+    forward gathers them, and the confidences (rel 1e-5) and metrics equal one process's whole-copy scoring. 5 answers
+    in batches of 2: rank 0 makes 2 generate calls, rank 1 one and a spare one."""
     data = write_jsonl(tmp_path / "data.jsonl", make_conversations(28, seed=4))
     settings = dict(model_name_or_path=str(tiny_model_dir), dataset_path=str(data), learning_rate=1e-3,
                     num_train_epochs=1, max_length=64, activation_checkpointing=False, eval_fraction=0.2,
-                    num_generations=3, max_new_tokens=4, save_strategy="no", logging_steps=1,
+                    num_generations=5, max_new_tokens=4, save_strategy="no", logging_steps=1,
                     scoring_batch_tokens=200, seeds=[5])
     sharded = ["--sharded_scoring", "true"] if engine == "zero3" else []
     result = launch(engine, ["run", *cli_flags(settings), "--per_device_train_batch_size", "2", *sharded,
