@@ -193,8 +193,8 @@ def scoring_throughput(args, rows: dict) -> dict:
     import datasets
     import torch
 
-    from sftmix.dynamics import length_batches, pad_batch, score_model
     from sftmix.model import load_model, load_tokenizer
+    from sftmix.scoring import length_batches, pad_batch, score_model
 
     tokenizer = load_tokenizer(args.model)
     dataset = datasets.Dataset.from_dict(rows)

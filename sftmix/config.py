@@ -51,6 +51,8 @@ VARIANT_LOSS_TYPES = {
     "mixup_only": "mixup_only",  # Mixup alone (the paper's ablation)
 }
 VARIANTS = tuple(VARIANT_LOSS_TYPES)
+VARIANT_TITLES = {"ntp": "NTP", "sftmix": "SFTMix", "neftune": "NEFTune", "equal": "NTP+Mixup equal",
+                  "mixup_only": "Mixup only"}
 
 # (ntp weight, mixup weight) per loss type; mu comes from `mixup_weight`.
 LOSS_WEIGHTS = {
@@ -554,3 +556,4 @@ class SelectConfig:
         if Path(self.output).suffix not in (".jsonl", ".json"):
             raise InputError(f"--output {self.output}: use a .jsonl or .json file name")
         check_ranges(self, {"max_examples": "positive?"})
+

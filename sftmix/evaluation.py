@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .dynamics import check_finite_nll, score_model
 from .errors import InputError
+from .scoring import check_finite_nll, score_model
 
 # --------------------------------------------------------------------------- likelihood
 

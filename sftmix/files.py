@@ -96,26 +96,6 @@ def atomic_directory(target: str | Path, keep_existing: bool = False) -> Iterato
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def pyplot():
-    """matplotlib.pyplot on the headless Agg backend (sftmix only writes PNG files)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure, path: str | Path) -> None:
-    """tight_layout, then save the PNG atomically and close the figure."""
-    path = Path(path)
-    figure.tight_layout()
-    staging = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(staging, dpi=120)
-    pyplot().close(figure)
-    staging.replace(path)
-
-
 def jsonl_text(rows: Iterable[dict[str, Any]], user_data: bool = False) -> str:
     """One JSON object per line, non-ASCII text kept as it is.
 

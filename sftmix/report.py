@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from . import stats
-from .config import VARIANT_LOSS_TYPES
-from .files import copy_atomic, pyplot, save_figure, write_atomic
+from .config import VARIANT_LOSS_TYPES, VARIANT_TITLES
+from .files import copy_atomic, write_atomic
+from .plots import plot_differences, plot_losses
 
 
 def judge_stage(config, run_dir: Path) -> None:
@@ -54,8 +55,6 @@ def run_metrics(run_dir: Path, name: str, seed: int) -> dict[str, float]:
     return flat
 
 
-VARIANT_TITLES = {"ntp": "NTP", "sftmix": "SFTMix", "neftune": "NEFTune", "equal": "NTP+Mixup equal",
-                  "mixup_only": "Mixup only"}
 BASELINE = "ntp"
 
 
@@ -220,52 +219,6 @@ def _judge_lines(judged: dict[str, dict[str, Any]]) -> list[str]:
                   f"in `judge/{seed}.json`, not counted)" if result["failed"] else "no pair failed")
         lines.append(f"- {seed}: {result['judged']} of {total} pairs judged, {failed}; SFTMix win rate {rate}.")
     return lines + [""]
-
-
-def plot_losses(run_dir: Path, variants: list[str], seeds: list[int], path: Path) -> None:
-    """Training loss per step: one colour per variant (every seed), solid NTP term, dotted Mixup term."""
-    plt = pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for number, variant in enumerate(variants):
-        colour = f"C{number}"
-        for seed_number, seed in enumerate(seeds):
-            state = run_dir / f"{variant}-seed{seed}" / "trainer_state.json"
-            history = json.loads(state.read_text())["log_history"] if state.exists() else []
-            for key, style in (("ntp_loss", "-"), ("mixup_loss", ":"), ("eval_loss", "--")):
-                points = [(entry["step"], entry[key]) for entry in history if key in entry]
-                if points:
-                    label = f"{VARIANT_TITLES.get(variant, variant)}: {key}" if seed_number == 0 else None
-                    axis.plot(*zip(*points), style, color=colour, marker=".", alpha=0.8, label=label)
-    axis.set_xlabel("optimisation step")
-    axis.set_ylabel("loss (per token)")
-    axis.set_title(f"Training loss (NTP and Mixup terms) and held-out loss, {len(seeds)} seed(s) per variant")
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend(fontsize=8)
-    save_figure(figure, path)
-
-
-def plot_differences(comparisons: list[dict], path: Path) -> None:
-    """One panel per (metric, eval set): each variant's difference to NTP, its interval and the per-seed values."""
-    plt = pyplot()
-    panels = list(dict.fromkeys((row["metric"], row["eval_set"]) for row in comparisons))
-    figure, axes = plt.subplots(len(panels), 1, figsize=(7, 1.0 + 0.5 * len(comparisons) + 0.8 * len(panels)),
-                                squeeze=False)
-    for axis, (metric, eval_set) in zip(axes[:, 0], panels):
-        rows = [row for row in comparisons if (row["metric"], row["eval_set"]) == (metric, eval_set)]
-        for position, row in enumerate(rows):
-            error = [[row["estimate"] - row["low"]], [row["high"] - row["estimate"]]]
-            axis.errorbar(row["estimate"], position, xerr=error, fmt="o", color="black", capsize=4,
-                          label=f"mean, {row['level']:.0%} interval" if not position else None)
-            axis.scatter(row["per_seed"], [position] * len(row["per_seed"]), color="tab:orange", marker="x", zorder=3,
-                         label="one seed" if not position else None)
-        axis.axvline(0, color="grey", linestyle="--")
-        axis.set_yticks(range(len(rows)), [VARIANT_TITLES.get(row["variant"], row["variant"]) for row in rows])
-        axis.set_ylim(len(rows) - 0.3, -0.7)  # the first variant on top
-        axis.set_title(f"{metric} on {eval_set}: variant - NTP (lower is "
-                       + ("better)" if metric == "response NLL" else "a narrower spread)"), fontsize=10)
-        axis.legend(fontsize=7, loc="best")
-    figure.supxlabel("difference to NTP")
-    save_figure(figure, path)
 
 
 def _number(value: Any, std: Any = None) -> str:

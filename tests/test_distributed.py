@@ -24,8 +24,7 @@ from conftest import make_conversations, write_jsonl
 from test_trainer import make_config, make_trainer
 from transformers import AutoModelForCausalLM
 
-from sftmix import distributed
-from sftmix import dynamics as dyn
+from sftmix import callbacks, distributed
 from sftmix.config import DynamicsConfig, RunConfig
 from sftmix.errors import InputError
 from sftmix.files import read_jsonl
@@ -146,7 +145,7 @@ def test_online_nll_visits_follow_epochs_not_rank_order():
         "a": [(1, 6, 9.0, 3), (0, 1, 1.0, 3)],  # rank 0 sent its epoch-1 record first
         "b": [(0, 2, 2.0, 4), (0, 4, 2.5, 4), (1, 5, 8.0, 4)],  # a repeat in epoch 0, at a later step
     }
-    visits = dyn.online_scores(records, ["a", "b"])
+    visits = callbacks.online_scores(records, ["a", "b"])
     assert [visit.nll_sum for visit in visits] == [[1.0, 2.0], [9.0, 8.0]]
     assert [visit.num_tokens for visit in visits] == [[3, 4], [3, 4]]
 

@@ -9,7 +9,7 @@ from conftest import make_conversations, make_tokenizer, write_jsonl
 from test_trainer import make_config
 from transformers import AutoModelForCausalLM
 
-from sftmix import dynamics as dyn
+from sftmix import scoring
 from sftmix.confidence import split_groups
 from sftmix.config import DynamicsConfig
 from sftmix.data import build_dataset
@@ -82,7 +82,7 @@ def test_split_ties_and_odd_counts_are_deterministic():
 
 def test_length_batches_cover_everything_within_budget():
     lengths = [5, 30, 12, 12, 7, 50, 3]
-    batches = dyn.length_batches(lengths, max_tokens=40)
+    batches = scoring.length_batches(lengths, max_tokens=40)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     for batch in batches:
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 40
@@ -92,7 +92,7 @@ def test_length_batches_cover_everything_within_budget():
 def test_deterministic_and_resumes_after_kill(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     straight = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="straight"))
     calls, kill = [], {"at_call": 2}
-    real_score = dyn.score_model
+    real_score = scoring.score_model
 
     def dies_on_second_checkpoint(*args, **kwargs):
         calls.append(kwargs.get("desc"))
@@ -100,7 +100,7 @@ def test_deterministic_and_resumes_after_kill(tiny_model_dir, tiny_data, tmp_pat
             raise KeyboardInterrupt("simulated kill")
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr(dyn, "score_model", dies_on_second_checkpoint)
+    monkeypatch.setattr(scoring, "score_model", dies_on_second_checkpoint)
     config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="killed")
     with pytest.raises(KeyboardInterrupt):
         dynamics(config)

@@ -8,7 +8,7 @@ import torch
 from conftest import model_variant
 from test_dynamics import dynamics_config
 
-from sftmix import dynamics as dyn
+from sftmix import scoring
 from sftmix.confidence import CheckpointScores, confidence_rows
 from sftmix.errors import InputError
 from sftmix.recipes.dynamics import dynamics
@@ -124,15 +124,15 @@ def test_unfinished_reference_run_with_other_settings_is_redone(tiny_model_dir, 
     """Killed while scoring with C = 4; rerun with C = 2: the reference run is redone, not reused."""
     fresh = dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name="fresh", num_train_epochs=1,
                                      num_checkpoints=2))
-    real_score = dyn.score_model
+    real_score = scoring.score_model
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(dyn, "score_model", killed)
+    monkeypatch.setattr(scoring, "score_model", killed)
     with pytest.raises(KeyboardInterrupt):
         dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=4))
-    monkeypatch.setattr(dyn, "score_model", real_score)
+    monkeypatch.setattr(scoring, "score_model", real_score)
     dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], num_train_epochs=1, num_checkpoints=2))
     assert (tmp_path / "dyn" / "confidence.jsonl").read_text() == (fresh / "confidence.jsonl").read_text()
     assert "num_checkpoints: 4 -> 2" in caplog.text and "redone" in caplog.text

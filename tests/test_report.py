@@ -33,7 +33,7 @@ def write_run(run_dir: Path, seeds=(1, 2), variants=("ntp", "sftmix", "equal")) 
     summary = {"all": {"median": -3.0}, "confident": {"count": 2}, "unconfident": {"count": 2},
                "variability": {"all": {"median": 0.5}, "confident": {"median": 0.2}, "unconfident": {"median": 0.9}}}
     (run_dir / "dynamics" / "dynamics.json").write_text(json.dumps({"summary": summary}))
-    from sftmix.dynamics import plot_confidence, plot_data_map
+    from sftmix.plots import plot_confidence, plot_data_map
 
     rows = [{"id": f"t{i}", "confidence": -float(i), "variability": i / 2, "group": "confident" if i < 2 else
              "unconfident"} for i in range(4)]

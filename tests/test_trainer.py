@@ -254,8 +254,8 @@ def test_eval_dataset_is_evaluated_during_training(tiny_model_dir, tiny_data, tm
     assert [entry["step"] for entry in evals] == [1, 2]
     assert all(0 <= entry["eval_mean_token_accuracy"] <= 1 and entry["eval_entropy"] > 0 for entry in evals)
     assert "eval_mixup_loss" not in evals[0]  # evaluation is plain NTP
-    from sftmix.dynamics import pad_batch
     from sftmix.model import load_tokenizer
+    from sftmix.scoring import pad_batch
 
     tokenizer = load_tokenizer(str(output_dir))
     eval_set, _ = build_dataset(tmp_path / "eval.json", tokenizer, max_length=64)
@@ -306,7 +306,7 @@ def test_padding_free_sequences_do_not_attend_to_each_other(tiny_model_dir, atte
 def test_padding_free_loss_equals_padded_computation(tiny_model_dir, tiny_data, tokenizer, tmp_path, monkeypatch):
     """One padding-free micro-batch (B sequences in one row): pairs per sequence, Mixup aligned per sequence.
     Independent: the same examples padded, the model's own hidden states, the reference loss over rows."""
-    from sftmix.dynamics import pad_batch
+    from sftmix.scoring import pad_batch
 
     trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path, padding_free=True)
     fixed_lambda = torch.tensor([0.3, 0.9])

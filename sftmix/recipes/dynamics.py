@@ -6,17 +6,19 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from transformers.trainer_utils import SaveStrategy
 
-from .. import distributed, keys
-from .. import dynamics as dyn
+from .. import callbacks as cb
+from .. import distributed, keys, plots, scoring
 from ..confidence import CheckpointScores, confidence_rows, summarise
 from ..config import DynamicsConfig
 from ..errors import InputError
 from ..files import strip_training_state, write_atomic, write_jsonl
+from ..keys import key_changes
 from ..model import (
     check_model_path,
     check_vocabulary,
@@ -55,14 +57,14 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
     ids = prepared.dataset["id"]
     check_split_counts(len(ids), config.split_ratio)
     key = keys.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
-    distributed.on_main(dyn.clear_stale, output_dir, key)
+    distributed.on_main(clear_stale, output_dir, key)
     checkpoints, online_records, reference_cost = config.checkpoints, None, None
     if not checkpoints:
         checkpoints, online_records, reference_cost = _reference_run(config, prepared, callbacks)
     if config.online:
-        scores = dyn.online_scores(online_records, ids)
+        scores = cb.online_scores(online_records, ids)
         for score in scores:
-            dyn.check_scores(score, ids)
+            scoring.check_scores(score, ids)
     else:
         scores_dir = output_dir / "scores"
         scores = [
@@ -116,9 +118,9 @@ def _write_dynamics_outputs(config: DynamicsConfig, prepared: Prepared, scores: 
         "cost": cost,  # wall time and tokens of the reference run and the scoring passes
         "key": key,
     }, indent=2))
-    dyn.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
+    plots.plot_confidence(rows, output_dir / "confidence.png", title=f"SFTMix confidence ({len(rows)} examples)")
     if len(scores) > 1:  # variability needs two perplexities per example (online over one epoch has one)
-        dyn.plot_data_map(rows, output_dir / "data_map.png",
+        plots.plot_data_map(rows, output_dir / "data_map.png",
                           title=f"Data map ({len(rows)} examples, {len(scores)} checkpoints)")
     else:
         (output_dir / "data_map.png").unlink(missing_ok=True)  # a stale one from an earlier run would mislead
@@ -141,17 +143,17 @@ def _reference_run(config: DynamicsConfig, prepared: Prepared, callbacks) -> tup
     if finished is not None:
         distributed.on_main(_keep_weights_only, finished["checkpoints"])  # a kill may have come before
         return finished["checkpoints"], finished.get("online_nll"), finished.get("cost")
-    spacing = dyn.SaveEvenlySpaced(config.num_checkpoints)
+    spacing = cb.SaveEvenlySpaced(config.num_checkpoints)
     trainer = build_trainer(reference, prepared, callbacks=[spacing, *(callbacks or [])], record_nll=config.online)
     # Online: a kill between a checkpoint and its NLL records; resume from the newest checkpoint that has them.
-    resumable_needs = (dyn.SaveOnlineNLL.FILE,) if config.online else ()
+    resumable_needs = (cb.SaveOnlineNLL.FILE,) if config.online else ()
     checkpoint = distributed.on_main(resume_checkpoint, reference, also_needs=resumable_needs)
     if config.online:
-        trainer.add_callback(dyn.SaveOnlineNLL(trainer))
-        trainer.online_nll.update(distributed.on_main(dyn.SaveOnlineNLL.load, checkpoint))
-    trainer.add_callback(dyn.KeepWeightsOnly(resumable_needs))  # last: after the checkpoint is whole
+        trainer.add_callback(cb.SaveOnlineNLL(trainer))
+        trainer.online_nll.update(distributed.on_main(cb.SaveOnlineNLL.load, checkpoint))
+    trainer.add_callback(cb.KeepWeightsOnly(resumable_needs))  # last: after the checkpoint is whole
     trainer.train(resume_from_checkpoint=checkpoint)
-    online = dyn.gather_online_nll(trainer) if config.online else None
+    online = cb.gather_online_nll(trainer) if config.online else None
     checkpoints = [str(Path(reference.output_dir) / f"checkpoint-{step}") for step in sorted(spacing.steps)]
     trainer.accelerator.free_memory()  # the scoring passes load each checkpoint afresh
     cost = training_cost(trainer.state.log_history)
@@ -206,7 +208,7 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
                        sharded: bool = False, scoring_layout: dict | None = None):
     """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole."""
     key = keys.scores_key(checkpoint, config, prepared)
-    saved = distributed.on_main(dyn.load_scores, path, key)
+    saved = distributed.on_main(scoring.load_scores, path, key)
     if saved is not None:
         return saved
     # Sharded checkpoints (FSDP's default, ZeRO without 16-bit gathering) are merged once, by rank 0.
@@ -221,11 +223,39 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
         scoring_layout["share_of_weights_per_rank"] = held / sum(getattr(p, "ds_numel", p.numel())
                                                                  for p in model.parameters())
     started = time.perf_counter()
-    nll_sum, num_tokens = dyn.score_model(
+    nll_sum, num_tokens = scoring.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
         desc=f"Scoring {Path(checkpoint).name}", sharded=sharded,
     )
     scores = CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
-    distributed.on_main(dyn.check_scores, scores, prepared.dataset["id"])
-    distributed.on_main(dyn.save_scores, path, scores, key)
+    distributed.on_main(scoring.check_scores, scores, prepared.dataset["id"])
+    distributed.on_main(scoring.save_scores, path, scores, key)
     return scores
+
+
+def clear_stale(output_dir: Path, key: dict) -> None:
+    """Before any work: refuse to overwrite a finished split made with other settings; remove a reference run
+    made with other settings (naming them), so it is redone; record this key with the reference run.
+
+    Only folders whose settings sftmix recorded are removed; scores files carry their own key.
+    """
+    finished = output_dir / "dynamics.json"
+    if finished.exists():
+        recorded = json.loads(finished.read_text()).get("key")
+        if recorded != key:
+            changes = key_changes(recorded, key) if recorded else "settings not recorded: made by an older sftmix"
+            raise InputError(f"{output_dir} holds a finished confidence split made with other settings ({changes}); "
+                             f"it is not overwritten: use another --output_dir, or delete {output_dir} to redo it")
+    if "reference" not in key:
+        return
+    reference, marker = output_dir / "reference", output_dir / "reference" / "key.json"
+    recorded = json.loads(marker.read_text()) if marker.exists() else None
+    if reference.exists() and recorded != key["reference"]:
+        if recorded is None:
+            raise InputError(f"{reference} holds no record of the settings that made it (made by an older sftmix, or "
+                             "not by sftmix); move or delete it to train the reference run again")
+        logger.warning("%s was trained with other settings (%s): it is redone", reference,
+                       key_changes(recorded, key["reference"]))
+        shutil.rmtree(reference)
+        shutil.rmtree(output_dir / "consolidated", ignore_errors=True)  # merged copies of the old checkpoints
+    write_atomic(marker, json.dumps(key["reference"], indent=1))

@@ -45,9 +45,9 @@ if os.environ.get("SFTMIX_TEST_FSDP2_ON_CPU") == "1":
 if os.environ.get("SFTMIX_TEST_FAIL_SCORING") and os.environ.get("RANK") is not None:
     failing_rank, failing_call = (int(part) for part in os.environ["SFTMIX_TEST_FAIL_SCORING"].split(":"))
     if int(os.environ["RANK"]) == failing_rank:
-        import sftmix.dynamics as dynamics
+        import sftmix.scoring as scoring
 
-        real_score_model, calls = dynamics.score_model, []
+        real_score_model, calls = scoring.score_model, []
 
         def score_model(*args, **kwargs):
             calls.append(1)
@@ -55,4 +55,4 @@ if os.environ.get("SFTMIX_TEST_FAIL_SCORING") and os.environ.get("RANK") is not 
                 raise RuntimeError(f"injected crash on rank {failing_rank} in scoring pass {failing_call}")
             return real_score_model(*args, **kwargs)
 
-        dynamics.score_model = score_model
+        scoring.score_model = score_model
