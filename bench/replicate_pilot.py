@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from sftmix.config import RunConfig, SFTMixConfig
-    from sftmix.data import build_dataset, read_confidence
+    from sftmix.data import build_dataset, read_groups
     from sftmix.recipes.common import build_trainer, prepare
     from sftmix.recipes.run import split_heldout
 
@@ -108,7 +108,7 @@ def main() -> None:
                                  "train response tokens": sum(sum(t != -100 for t in row) for row in
                                                               prepared.dataset["labels"]),
                                  "train tokens": sum(len(row) for row in prepared.dataset["input_ids"])}), flush=True)
-    groups = read_confidence(args.confidence_path) if args.loss_type != "ntp" else None
+    groups = read_groups(args.confidence_path) if args.loss_type != "ntp" else None
     timer = EpochEval(eval_sets, prepared.tokenizer.pad_token_id, 16384)
     trainer = build_trainer(config, prepared, groups=groups, callbacks=[timer])
     started = time.perf_counter()

@@ -5,7 +5,7 @@ The core, torch only (no TRL, no transformers), for your own training loop:
     BalancedBatchSampler                                                                   (sftmix.sampler)
     CheckpointScores, mean_confidence, variability, split_groups, confidence_rows          (sftmix.confidence)
 Used like TRL's SFTTrainer:
-    SFTMixConfig, SFTMixTrainer, build_dataset, read_confidence
+    SFTMixConfig, SFTMixTrainer, build_dataset, read_groups
 Every name is imported on first use, so `import sftmix` (and the CLI's start) costs nothing.
 """
 
@@ -20,7 +20,7 @@ _PUBLIC = {
                     "confidence"),
     "SFTMixConfig": "config",
     "SFTMixTrainer": "trainer",
-    **dict.fromkeys(["build_dataset", "read_confidence"], "data"),
+    **dict.fromkeys(["build_dataset", "read_groups"], "data"),
 }
 __all__ = sorted(_PUBLIC)
 

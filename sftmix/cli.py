@@ -239,13 +239,13 @@ def _eval(argv: list[str]) -> int:
 
 def _compare_splits(argv: list[str]) -> int:
     from .confidence import split_agreement
-    from .data import read_confidence
+    from .data import read_groups
 
     parser = argparse.ArgumentParser(prog="sftmix compare-splits")
     parser.add_argument("first")
     parser.add_argument("second")
     args = parser.parse_args(argv)
-    first, second = read_confidence(args.first), read_confidence(args.second)
+    first, second = read_groups(args.first), read_groups(args.second)
     shared = len(first.keys() & second.keys())
     agreement = split_agreement(first, second)
     print(f"split agreement: {agreement:.4f} of the {shared} shared examples in the same group ({args.first}: "

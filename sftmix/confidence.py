@@ -96,7 +96,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def split_agreement(groups_a: dict[str, str], groups_b: dict[str, str]) -> float:
-    """Fraction of shared ids that fall in the same group in both splits (id -> group, as read_confidence)."""
+    """Fraction of shared ids that fall in the same group in both splits (id -> group, as read_groups)."""
     shared = [example_id for example_id in groups_b if example_id in groups_a]
     if not shared:
         raise InputError("the two confidence files share no id")

@@ -207,9 +207,9 @@ class SFTMixTrainer(SFTTrainer):
         train_dataset = _tokenised(train_dataset, args, processing_class, args.max_examples)
         eval_dataset = self._tokenised_eval(eval_dataset, args, processing_class)
         if groups is None and args.loss_type != "ntp" and args.confidence_path is not None:
-            from .data import read_confidence
+            from .data import read_groups
 
-            groups = read_confidence(args.confidence_path)
+            groups = read_groups(args.confidence_path)
         if kwargs.get("peft_config") is None and args.use_peft:
             from trl import get_peft_config
 

@@ -28,7 +28,7 @@ def test_the_core_imports_neither_trl_nor_transformers():
     from sftmix import SFTMixConfig as Config
     from sftmix import SFTMixTrainer as Trainer
     from sftmix import build_dataset as build
-    from sftmix import read_confidence  # noqa: F401
+    from sftmix import read_groups  # noqa: F401
 
     assert (Config, Trainer, build) == (SFTMixConfig, SFTMixTrainer, build_dataset)
 

@@ -10,7 +10,7 @@ from sftmix.data import (
     Record,
     build_dataset,
     load_records,
-    read_confidence,
+    read_groups,
     to_messages,
     tokenize_conversation,
 )
@@ -187,7 +187,7 @@ def test_generation_markers_are_used_as_marked():
 
 def test_turn_by_turn_equals_one_rendering_for_prefix_preserving_templates():
     """The general path (used for Qwen3 / DeepSeek) gives the same pieces as the single-rendering path."""
-    from sftmix.data import _prefix_pieces, _turn_by_turn_pieces
+    from sftmix.data.tokenization import _prefix_pieces, _turn_by_turn_pieces
 
     for family in ("llama3", "mistral", "gemma", "qwen2_5"):
         tokenizer = family_tokenizer(family)
@@ -218,8 +218,8 @@ def random_conversations(count: int, seed: int, system: bool) -> list[list[dict[
 def test_batched_tokenisation_equals_one_conversation_at_a_time(family, monkeypatch):
     """The fast path (one batched encode, labels from offsets, turn truncation read off the whole encoding)
     gives what the general path gives, conversation by conversation, at every max_length and truncation."""
-    import sftmix.data as data_module
-    from sftmix.data import _tokenize_one, tokenize_conversations
+    import sftmix.data.tokenization as data_module
+    from sftmix.data.tokenization import _tokenize_one, tokenize_conversations
 
     if family == "smollm2_marked":  # generation markers: always the general path
         tokenizer = make_tokenizer(chat_template=(
@@ -389,16 +389,16 @@ def test_read_confidence(tmp_path):
         {"id": "a", "confidence": -1.0, "group": "confident", "extra": 1},
         {"id": "b", "confidence": -2.0, "group": "unconfident"},
     ])
-    assert read_confidence(path) == {"a": "confident", "b": "unconfident"}
+    assert read_groups(path) == {"a": "confident", "b": "unconfident"}
     write_jsonl(path, [{"id": "a", "group": "sure"}])
     with pytest.raises(DataError, match=r"c\.jsonl:1: needs 'id' and 'group'"):
-        read_confidence(path)
+        read_groups(path)
     with pytest.raises(DataError, match="sftmix dynamics"):
-        read_confidence(tmp_path / "missing.jsonl")
+        read_groups(tmp_path / "missing.jsonl")
 
 
 def test_tokenised_data_is_cached_and_keyed(tmp_path, tokenizer, monkeypatch):
-    import sftmix.data as data_module
+    import sftmix.data.dataset as data_module
 
     monkeypatch.setenv("SFTMIX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SFTMIX_NO_CACHE", raising=False)

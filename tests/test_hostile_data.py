@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from sftmix.data import DataError, build_dataset, load_records, read_confidence
+from sftmix.data import DataError, build_dataset, load_records, read_groups
 from sftmix.errors import InputError
 
 ROWS = [{"id": f"r{i}", "instruction": f"tell me {i}", "output": "blue sky"} for i in range(6)]
@@ -126,7 +126,7 @@ def test_unreadable_parquet_names_the_file(tmp_path):
 
 def test_missing_confidence_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match=r"missing\.jsonl: no such confidence file.*sftmix dynamics"):
-        read_confidence(tmp_path / "missing.jsonl")
+        read_groups(tmp_path / "missing.jsonl")
 
 
 # --------------------------------------------------------------------------- 8. repeated ids

@@ -66,7 +66,7 @@ def test_an_unwritable_cache_costs_the_cache_not_the_run(tmp_path, tokenizer, ti
 
 
 def test_a_full_cache_disk_is_named_as_the_cache(tmp_path, monkeypatch):
-    import sftmix.data as data
+    import sftmix.data.reading as data
     from sftmix.errors import InputError
 
     monkeypatch.setenv("SFTMIX_CACHE", str(tmp_path / "cache"))

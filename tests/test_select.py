@@ -125,7 +125,7 @@ def test_select_command(records, tmp_path):
     (b'{"id": "e0", "confidence": 1}\n{"id": "e0", "confidence": 2}\n', r"c\.jsonl:2: duplicate id 'e0'"),
 ])
 def test_confidence_file_is_read_as_every_input(records, tmp_path, line, message):
-    """A confidence file gets the checks of data.read_confidence: UTF-8 errors named by line, a byte-order mark
+    """A confidence file gets the checks of data.read_groups: UTF-8 errors named by line, a byte-order mark
     accepted, and only finite real numbers as scores (JSON's `true` is no 1.0, inf no score)."""
     _, data, _ = records
     confidence = tmp_path / "c.jsonl"

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sftmix import trainer as trainer_module
 from sftmix.config import SFTMixConfig
-from sftmix.data import build_dataset, read_confidence
+from sftmix.data import build_dataset, read_groups
 from sftmix.losses import mixed_positions, sftmix_loss_reference
 from sftmix.recipes.train import train
 from sftmix.sampler import BalancedBatchSampler
@@ -28,7 +28,7 @@ def make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path, **overrides):
     dataset, _ = build_dataset(data_path, tokenizer, max_length=64)
     config = make_config(tmp_path, **overrides)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    groups = read_confidence(confidence_path) if config.loss_type != "ntp" else None
+    groups = read_groups(confidence_path) if config.loss_type != "ntp" else None
     return SFTMixTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, groups=groups)
 
 
@@ -65,7 +65,7 @@ def test_each_process_gets_whole_balanced_batches():
 
 def test_train_batches_are_balanced_and_paired(tiny_model_dir, tiny_data, tokenizer, tmp_path):
     trainer = make_trainer(tiny_model_dir, tiny_data, tokenizer, tmp_path)
-    groups = read_confidence(tiny_data[1])
+    groups = read_groups(tiny_data[1])
     ids = trainer.train_dataset["id"]
     sampler = trainer.get_train_dataloader().batch_sampler
     for batch in sampler:

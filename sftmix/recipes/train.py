@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import distributed, keys
 from ..config import SFTMixConfig
-from ..data import build_dataset, read_confidence
+from ..data import build_dataset, read_groups
 from ..errors import InputError
 from ..files import write_atomic
 from ..hub import push_output_dir
@@ -37,7 +37,7 @@ def train(config: SFTMixConfig, callbacks: list | None = None) -> Path:
     eval_dataset = prepare_eval(config, prepared.tokenizer)
     groups = None
     if config.loss_type != "ntp":
-        groups = read_confidence(config.confidence_path)
+        groups = read_groups(config.confidence_path)
         check_same_data(config.confidence_path, prepared, groups)
     checkpoint = distributed.on_main(resume_checkpoint, config, keys.training_key(config, prepared))
     trainer = build_trainer(config, prepared, groups=groups, callbacks=callbacks, eval_dataset=eval_dataset)
