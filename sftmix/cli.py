@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(config_class, prog: str, argv: list[str]):
-    """The command's config from flags and --config YAML, its settings checked (`settings`) before any model or data
-    is loaded; an unreadable or invalid config is an InputError."""
+    """The command's config from flags and --config YAML; an unreadable or invalid config is an InputError. (What the
+    settings need from the machine and the files is checked at the command's start: `recipes.common.check_at_start`.)"""
     import yaml
     from trl import TrlParser
 
@@ -108,7 +108,6 @@ def _parse(config_class, prog: str, argv: list[str]):
         raise InputError(f"invalid configuration: {err}") from err  # a value Trainer or TRL refuses
     except (OSError, TypeError, yaml.YAMLError) as err:  # a missing or unreadable YAML
         raise InputError(f"invalid configuration: {type(err).__name__}: {err}") from err
-    settings.check_environment(config)
     return config
 
 

@@ -181,6 +181,7 @@ class SFTMixConfig(SFTConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig
         self.lora_target_modules = _target_modules(self.lora_target_modules)
         self._apply_trl_names()
         settings.refuse(self)
+        # Defaults that depend on the machine, resolved as TRL resolves bf16 (whose default, True, fails on a CPU).
         import torch
 
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
@@ -189,12 +190,8 @@ class SFTMixConfig(SFTConfig, ModelConfig, ScriptArguments, DatasetMixtureConfig
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to; avoids a warning per epoch
-        distributed.configure_launch(self)
-        # SFTConfig checks loss_type against its own ("nll", "dft"); ours is read by SFTMixTrainer.
-        sftmix_loss_type, self.loss_type = self.loss_type, "nll"
+        distributed.configure_launch(self)  # before TrainingArguments sets up its device (it does in __post_init__)
         super().__post_init__()
-        self.loss_type = sftmix_loss_type
-        distributed.check_launch(self)
         if self.loss_type != "ntp" and self.per_device_train_batch_size % 2:
             raise InputError(
                 f"per_device_train_batch_size must be even for balanced confident/unconfident batches, got "
@@ -230,8 +227,23 @@ def _target_modules(value: str | list[str]) -> str | list[str]:
     return "all-linear" if names == ["all-linear"] else names
 
 
+@dataclass(kw_only=True)  # keyword-only: EvalConfig's first field (`model`) has no default
+class _ScoringFields:
+    """How `sftmix dynamics`, `eval` and `run` score (and generate with) a model."""
+
+    scoring_batch_tokens: int = field(
+        default=16384, metadata={"help": "Padded tokens per scoring batch (examples are batched by length)."}
+    )
+    sharded_scoring: bool | None = field(
+        default=None,
+        metadata={"help": "Score (and generate) with the model's parameters partitioned over the processes (needs a "
+                  "DeepSpeed ZeRO-3 launch; each forward gathers them layer by layer) instead of a whole copy on "
+                  "every rank. Default: only when a whole copy would not fit one device."},
+    )
+
+
 @dataclass
-class _DynamicsFields:
+class _DynamicsFields(_ScoringFields):
     """Stage-1 settings shared by `sftmix dynamics` and `sftmix run`."""
 
     checkpoints: list[str] | None = field(
@@ -250,15 +262,6 @@ class _DynamicsFields:
         metadata={"help": "Beyond the paper: take each example's response NLL from the reference run's own "
                   "training forward passes (Dataset-Cartography style) instead of a scoring pass per checkpoint."},
     )
-    scoring_batch_tokens: int = field(
-        default=16384, metadata={"help": "Padded tokens per scoring batch (examples are batched by length)."}
-    )
-    sharded_scoring: bool | None = field(
-        default=None,
-        metadata={"help": "Score the checkpoints with their parameters partitioned over the processes (needs a "
-                  "DeepSpeed ZeRO-3 launch; each forward gathers them layer by layer) instead of a whole copy on "
-                  "every rank. Default: only when a whole copy would not fit one device."},
-    )
 
     def _check_dynamics_fields(self) -> None:
         check_ranges(self, {"split_ratio": "fraction", "num_checkpoints": "positive",
@@ -274,9 +277,9 @@ ALPACA_EVAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"  # AlpacaEval 2.0's le
 class _EvalFields:
     """Evaluation settings shared by `sftmix eval` and `sftmix run`.
 
-    Every file evaluation will read is read when the config is made (`_check_eval_inputs`), so a
-    missing or malformed one stops `sftmix run` before the reference run and the trainings, not
-    after them; so does `--alpaca_eval_scorer on` without what the scorer needs.
+    Every file evaluation will read is read at the command's start (`check_inputs`), so a missing or
+    malformed one stops `sftmix run` before the reference run and the trainings, not after them; so
+    does `--alpaca_eval_scorer on` without what the scorer needs.
     """
 
     mt_bench_questions: str | None = field(
@@ -305,14 +308,15 @@ class _EvalFields:
     judge_api_key_env: str = field(
         default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
     )
-    # decided when the config is made (`_check_eval_inputs`), before any generation: score with alpaca_eval?
+    # decided at the command's start (`check_inputs`), before any generation: score with alpaca_eval?
     official_scorer: bool = field(init=False, default=False)
 
-    def _check_eval_inputs(self, scored_sets: list[tuple[str, str, int | None]],
-                           prompts: tuple[str, str | None, int | None]) -> None:
-        """Read every set to score and the prompts now, as evaluation will: (option, path, first N records used)
-        each. Then decide `official_scorer`."""
+    def check_inputs(self) -> None:
+        """Read every set to score and the prompts, as evaluation will (a command's start-up check). Then decide
+        `official_scorer`."""
         from .data import check_scored_set, load_prompts
+
+        scored_sets, prompts = self._eval_inputs()
 
         answered = [prompts, ("mt_bench_questions", self.mt_bench_questions, None)]
         for flag, path, _ in [*scored_sets, *answered]:
@@ -439,8 +443,11 @@ class RunConfig(_EvalFields, _DynamicsFields, SFTMixConfig):
             raise InputError(f"--seeds must be distinct (each trains every variant once), got {self.seeds}")
         if self.bootstrap_resamples < 100:
             raise InputError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples}")
-        self._check_eval_inputs([("eval_datasets", path, self.eval_max_examples) for path in self.eval_datasets or []],
-                                ("generation_prompts", self.generation_prompts, self.num_generations))
+
+    def _eval_inputs(self) -> tuple[list[tuple[str, str, int | None]], tuple[str, str | None, int | None]]:
+        """The sets to score and the prompts to answer: (option, path, first N records used) each."""
+        return ([("eval_datasets", path, self.eval_max_examples) for path in self.eval_datasets or []],
+                ("generation_prompts", self.generation_prompts, self.num_generations))
 
     @property
     def mixing_variants(self) -> list[str]:
@@ -459,7 +466,7 @@ def resolve_variants(variants: list[str]) -> list[str]:
 
 
 @dataclass
-class EvalConfig(_EvalFields):
+class EvalConfig(_EvalFields, _ScoringFields):
     """`sftmix eval`: likelihood on reference sets, generations, confidence spread."""
 
     model: str = field(metadata={"help": "Model directory (or HF id) to evaluate."})
@@ -480,13 +487,6 @@ class EvalConfig(_EvalFields):
     num_generations: int | None = field(default=None, metadata={"help": "First N prompts (None: all)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length limit (greedy)."})
     batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
-    scoring_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per scoring batch."})
-    sharded_scoring: bool | None = field(
-        default=None,
-        metadata={"help": "Score and generate with the model's parameters partitioned over the processes (needs a "
-                  "DeepSpeed ZeRO-3 launch) instead of a whole copy on every rank. Default: only when a whole copy "
-                  "would not fit one device."},
-    )
     use_cpu: bool = field(default=False, metadata={"help": "Stay on the CPU even when a GPU is there."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     chat_template_path: str | None = field(
@@ -508,10 +508,12 @@ class EvalConfig(_EvalFields):
         if not (self.dataset or self.prompts or self.confidence_dataset or self.mt_bench_questions):
             raise InputError("nothing to evaluate: give --dataset (NLL), --prompts (generation), "
                              "--mt_bench_questions and/or --confidence_dataset (confidence spread)")
+
+    def _eval_inputs(self) -> tuple[list[tuple[str, str, int | None]], tuple[str, str | None, int | None]]:
         scored = [("dataset", path, self.max_examples) for path in self.dataset or []]
         if self.confidence_dataset is not None:
             scored.append(("confidence_dataset", self.confidence_dataset, self.confidence_max_examples))
-        self._check_eval_inputs(scored, ("prompts", self.prompts, self.num_generations))
+        return scored, ("prompts", self.prompts, self.num_generations)
 
 
 @dataclass

@@ -195,6 +195,7 @@ class SFTMixTrainer(SFTTrainer):
         processing_class=None, groups: dict[str, str] | None = None, record_nll: bool = False, **kwargs
     ):
         args = args if args is not None else SFTMixConfig()
+        distributed.check_launch(args)  # before any model or data is loaded, as a command's start does
         # what the model card names (write_model_card): what was given, else args'
         self._card = (model if isinstance(model, str) else getattr(model, "name_or_path", None),
                       None if train_dataset is None or isinstance(train_dataset, str) else "the train_dataset given")

@@ -12,13 +12,16 @@ from trl import TrlParser
 from sftmix.config import VARIANTS, RunConfig
 from sftmix.data import tokenize_conversation
 from sftmix.errors import InputError
+from sftmix.recipes.common import check_at_start
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ACCELERATE_CONFIGS = {"ddp", "fsdp2", "zero3", "zero3_offload"}  # configs/accelerate/*.yaml (issue 8)
 
 
 def parse(path: Path, *overrides: str) -> RunConfig:
+    """The config `sftmix run --config path` starts with, after its start-up checks (which read the files)."""
     (config,) = TrlParser((RunConfig,)).parse_args_and_config(["--config", str(path), *overrides])
+    check_at_start(config)
     return config
 
 

@@ -10,6 +10,9 @@ from conftest import write_jsonl
 
 from sftmix.config import DynamicsConfig, EvalConfig, RunConfig, SelectConfig, SFTMixConfig
 from sftmix.errors import InputError
+from sftmix.recipes.common import check_at_start
+from sftmix.recipes.evaluate import evaluate
+from sftmix.recipes.run import run
 
 
 @pytest.mark.parametrize("field, value", [
@@ -111,20 +114,23 @@ def test_run_reads_its_evaluation_inputs_before_any_work(overrides, message, tmp
     files = eval_inputs(tmp_path)
     resolved = {name: [files[v] for v in value] if isinstance(value, list) else files[value]
                 for name, value in overrides.items()}
+    config = RunConfig(output_dir=str(tmp_path / "run"), **resolved)  # the config itself reads no file
     with pytest.raises(InputError, match=message):
-        RunConfig(output_dir=str(tmp_path / "run"), **resolved)
+        run(config)
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_reads_its_inputs_when_the_config_is_made(tmp_path):
+def test_eval_reads_its_inputs_at_its_start(tmp_path):
     files = eval_inputs(tmp_path)
     with pytest.raises(InputError, match=r"--prompts .*missing\.jsonl: no such file"):
-        EvalConfig(model="m", prompts=files["missing"])
+        evaluate(EvalConfig(model="m", prompts=files["missing"], output_dir=str(tmp_path / "eval")))
     with pytest.raises(InputError, match=r"--dataset .*missing\.jsonl: no such file"):
-        EvalConfig(model="m", dataset=[files["good"], files["missing"]])
+        evaluate(EvalConfig(model="m", dataset=[files["good"], files["missing"]], output_dir=str(tmp_path / "eval")))
     with pytest.raises(InputError, match=r"--confidence_dataset .*missing\.jsonl: no such file"):
-        EvalConfig(model="m", confidence_dataset=files["missing"])
+        evaluate(EvalConfig(model="m", confidence_dataset=files["missing"], output_dir=str(tmp_path / "eval")))
     with pytest.raises(InputError, match=r"broken\.jsonl:2: invalid JSON"):
-        EvalConfig(model="m", dataset=[files["broken"]])
+        evaluate(EvalConfig(model="m", dataset=[files["broken"]], output_dir=str(tmp_path / "eval")))
+    assert not (tmp_path / "eval").exists()
     config = EvalConfig(model="m", dataset=[files["good"]], prompts=files["good"], alpaca_eval_scorer="off")
+    check_at_start(config)
     assert config.dataset == [files["good"]] and not config.official_scorer

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import distributed, keys
+from .. import distributed, keys, settings
 from ..config import DynamicsConfig, RunConfig, SFTMixConfig
 from ..data import DataReport, DatasetSpec, build_dataset, mix_records, spec_records, write_records
 from ..errors import InputError
@@ -171,12 +171,24 @@ def check_same_training(output_dir: Path, key: dict) -> None:
     )
 
 
+def check_at_start(config) -> None:
+    """A command's start-up checks (the config itself reads no file and checks no machine): the packages, token and
+    hub its settings need, a launch that runs as one correct job, and every file evaluation will read."""
+    settings.check_environment(config)
+    if hasattr(config, "world_size"):  # a training config
+        distributed.check_launch(config)
+    if hasattr(config, "check_inputs"):
+        config.check_inputs()
+
+
 def claims_output_dir(recipe):
-    """Run `recipe(config, ...)` holding `config.output_dir`: refused at once when it cannot be written, or when
-    another sftmix run holds it (rank 0 takes the lock; the OS frees it when the process ends, however)."""
+    """Run `recipe(config, ...)` holding `config.output_dir` after the start-up checks: refused at once when it cannot
+    be written, or when another sftmix run holds it (rank 0 takes the lock; the OS frees it when the process ends,
+    however)."""
 
     @functools.wraps(recipe)
     def claimed(config, *args, **kwargs):
+        check_at_start(config)
         refuse_writing_over_inputs(_outputs(config), {f"--{name}": getattr(config, name) for name in INPUT_PATHS
                                                       if hasattr(config, name)})
         lock = OutputLock(config.output_dir)

@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 def run(config: RunConfig, callbacks: list | None = None) -> Path:
     """The whole recipe; re-running the same command resumes where it stopped.
 
-    Every file the evaluation reads was read when the config was made (RunConfig), so a missing or
-    malformed one stops the run here, before any work.
+    Every file the evaluation reads is read first (`check_at_start`), so a missing or malformed one stops the
+    run before any work.
     """
     from .. import report
 
