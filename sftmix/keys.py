@@ -46,7 +46,7 @@ INPUT_FIELDS = {
 PATH_FIELDS = {
     "dataset", "dataset_path", "datasets", "model", "model_name_or_path", "confidence_path", "checkpoints",
     "resume_from_checkpoint", "prompts", "confidence_dataset", "eval_datasets", "generation_prompts",
-    "chat_template_path", "deepspeed", "alpaca_eval_reference",
+    "chat_template_path", "deepspeed", "alpaca_eval_reference", "mt_bench_questions",
 }
 MIXUP_FIELDS = ("mixup_alpha", "mixup_weight", "mixup_lambda_per")  # no effect on a loss without Mixup
 SPLIT_ONLY = ("split_ratio",)  # settings of `sftmix dynamics` that the reference run does not read

@@ -3,7 +3,7 @@
 What the method changes relative to SFTTrainer:
 1. the train dataloader: `BalancedBatchSampler` puts B/2 confident then B/2
    unconfident examples in every per-device batch, so row k pairs with row k + B/2;
-2. the model's forward accepts `sftmix=SFTMixRequest(...)` and then computes the
+2. the model's forward accepts `sftmix=SFTMixRequest(...)` (forward.py) and then computes the
    loss from the final hidden states *inside* the forward (as TRL's fused LM head
    does), so the LM head is used where FSDP / ZeRO-3 have gathered it;
 3. `compute_loss` builds that request (pairs, lambdas, and the normalisers that
@@ -25,129 +25,36 @@ import json
 import logging
 import math
 import os
-import sys
 import time
-import types
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import seed_worker
-from transformers.utils import ModelOutput
 from trl import SFTTrainer
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from . import distributed
 from .config import SFTMixConfig
 from .errors import InputError
-from .files import write_atomic, write_digest
+from .files import write_digest
+from .forward import SFTMixOutput, SFTMixRequest, add_sftmix_head
+from .hub import write_model_card
 from .losses import (
     IGNORE_INDEX,
-    LossTerms,
     balanced_pairs,
     count_mixed_positions,
     sample_lambda,
-    sftmix_loss_fused,
-    sftmix_loss_reference,
 )
-from .model import head_is_linear, match_config_dtype
+from .model import match_config_dtype
 from .sampler import BalancedBatchSampler, ShuffledBatchSampler
 
 logger = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- model forward
 
-
-@dataclass
-class SFTMixRequest:
-    """What the patched forward needs to compute the loss from the final hidden states."""
-
-    labels: torch.Tensor  # [B, T] unshifted, -100 where unsupervised
-    pair_index: torch.Tensor | None  # [P, 2] (confident row, unconfident row)
-    lam: torch.Tensor | None  # [P]
-    ntp_scale: float
-    mixup_scale: float
-    fused: bool = True
-    router_aux: bool = False  # MoE: also return the router load-balancing loss
-    sequence: torch.Tensor | None = None  # [B, T] sequence number of each position (padding-free); None: rows
-
-
-@dataclass
-class SFTMixOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    ntp_sum: torch.Tensor | None = None
-    ntp_count: int | None = None
-    row_nll: torch.Tensor | None = None
-    mixup_sum: torch.Tensor | None = None
-    mixup_count: int | None = None
-    entropy_sum: torch.Tensor | None = None
-    num_correct: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # unweighted, as MoE models return it
-
-
-def add_sftmix_head(model) -> None:
-    """Let `model(..., sftmix=SFTMixRequest(...))` return the SFTMix loss; other calls are unchanged."""
-    original_forward = model.forward
-    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    # Mixing logits equals mixing states only for a plain linear head; otherwise fall back to the reference.
-    linear_head = head_is_linear(model)
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, sftmix: SFTMixRequest | None = None, **kwargs):
-        if sftmix is None:
-            return original_forward(*args, **kwargs)
-        kwargs.pop("labels", None)
-        kwargs["use_cache"] = False
-        if sftmix.router_aux:
-            kwargs["output_router_logits"] = True
-        base_outputs = self.base_model(*args, **kwargs)
-        hidden = base_outputs.last_hidden_state  # [B, T, D]
-        lm_head = self.get_output_embeddings()
-        with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
-            terms = _loss_terms(hidden.to(lm_head.weight.device), lm_head, sftmix, linear_head, softcap)
-        aux_loss = router_aux_loss(self, base_outputs, kwargs.get("attention_mask")) if sftmix.router_aux else None
-        return SFTMixOutput(
-            loss=terms.total, ntp_sum=terms.ntp_sum, ntp_count=terms.ntp_count, row_nll=terms.row_nll,
-            mixup_sum=terms.mixup_sum, mixup_count=terms.mixup_count, entropy_sum=terms.entropy_sum,
-            num_correct=terms.num_correct, aux_loss=aux_loss,
-        )
-
-    model.forward = types.MethodType(forward, model)
-
-
-def router_aux_loss(model, base_outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The router load-balancing loss that the MoE model's own forward adds (Mixtral, Qwen2-MoE, ...).
-
-    Our forward calls the base model and drops the head's forward, so it computes the same term,
-    with the same function of the model's module, from the router logits the base model returns.
-    """
-    balancing = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
-    if balancing is None:
-        raise NotImplementedError(f"{type(model).__name__}: no load_balancing_loss_func in its module; "
-                                  "set --router_aux_loss_coef 0 to train without the router auxiliary loss")
-    return balancing(base_outputs.router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
-
-
-def _loss_terms(hidden, lm_head, request: SFTMixRequest, linear_head: bool, softcap) -> LossTerms:
-    labels = request.labels.to(hidden.device)
-    weight = lm_head.weight
-    if isinstance(weight, DTensor):  # FSDP2 shards the head; the tiles need all of it (as TRL's fused head does)
-        weight = weight.full_tensor()
-    common = (hidden, labels, weight, request.pair_index, request.lam, request.ntp_scale, request.mixup_scale)
-    sequence = None if request.sequence is None else request.sequence.to(hidden.device)
-    if request.fused and linear_head:
-        return sftmix_loss_fused(*common, sequence=sequence)
-
-    def head(states: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(states)
-        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
-
-    return sftmix_loss_reference(*common, head=head, sequence=sequence)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -681,48 +588,3 @@ def check_ids_match(dataset_ids: list[str], groups: dict[str, str]) -> int:
     return len(extra)
 
 
-MODEL_CARD = """---
-library_name: transformers
-tags: [sftmix, trl, sft]
-base_model: {base_model}
----
-# {name}
-
-Instruction-tuned with [sftmix](https://pypi.org/project/sftmix/), an implementation of
-**SFTMix** (Xiao et al., "SFTMix: Elevating Language Model Instruction Tuning with Mixup
-Recipe", [arXiv:2410.05248](https://arxiv.org/abs/2410.05248)).
-
-| setting | value |
-|---|---|
-| base model | `{base_model}` |
-| dataset | `{dataset}` |
-| loss_type | `{loss_type}` (NTP weight {ntp_weight}, Mixup weight {mixup_weight}) |
-| mixup_alpha | {alpha} (lambda per {lambda_per}) |
-| confidence split | `{confidence}` |
-| learning rate / schedule | {lr} / {scheduler}, warm-up {warmup} |
-| epochs / max steps | {epochs} / {max_steps} |
-
-Load it with `AutoModelForCausalLM.from_pretrained("{name}")`.
-
-```bibtex
-@inproceedings{{xiao2026sftmix,
-  title={{SFTMix: Elevating Language Model Instruction Tuning with Mixup Recipe}},
-  author={{Xiao, Yuxin and Zhang, Shujian and Zhou, Wenxuan and Ghassemi, Marzyeh and Zhao, Sanqiang}},
-  booktitle={{ACL}}, year={{2026}}, eprint={{2410.05248}}
-}}
-```
-"""
-
-
-def write_model_card(output_dir: Path, args: SFTMixConfig, base_model: str | None = None,
-                     dataset: str | None = None) -> None:
-    """README.md of a saved model; `base_model` and `dataset` name what the trainer was given (default: args')."""
-    ntp_weight, mixup_weight = args.loss_weights
-    write_atomic(output_dir / "README.md", MODEL_CARD.format(
-        name=output_dir.name,
-        base_model=base_model or args.model_name_or_path or "SmolLM2-135M-Instruct (embedded default)",
-        dataset=dataset or args.dataset_path or "ShareGPT V3 (embedded default)", loss_type=args.loss_type,
-        ntp_weight=ntp_weight, mixup_weight=mixup_weight, alpha=args.mixup_alpha, lambda_per=args.mixup_lambda_per,
-        confidence=args.confidence_path, lr=args.learning_rate, scheduler=args.lr_scheduler_type,
-        warmup=args.warmup_steps, epochs=args.num_train_epochs, max_steps=args.max_steps,
-    ))

@@ -183,7 +183,7 @@ def test_lora_output_loads_as_full_model(tiny_model_dir, tiny_data, tmp_path):
 
 def test_softcapped_head_falls_back_to_mixing_states():
     """With a non-linearity after the head, mixing logits != mixing states: the reference path must run."""
-    from sftmix.trainer import SFTMixRequest, _loss_terms
+    from sftmix.forward import SFTMixRequest, _loss_terms
 
     torch.manual_seed(0)
     head = torch.nn.Linear(6, 11, bias=False)

@@ -189,8 +189,8 @@ def claims_output_dir(recipe):
     @functools.wraps(recipe)
     def claimed(config, *args, **kwargs):
         check_at_start(config)
-        refuse_writing_over_inputs(_outputs(config), {f"--{name}": getattr(config, name) for name in INPUT_PATHS
-                                                      if hasattr(config, name)})
+        refuse_writing_over_inputs(_outputs(config), {f"--{name}": value for name, value in vars(config).items()
+                                                      if keys.is_path_field(name)})
         lock = OutputLock(config.output_dir)
         distributed.on_main(lock.acquire)
         try:
@@ -207,12 +207,6 @@ def claims_output_dir(recipe):
             lock.release()
 
     return claimed
-
-
-# Config fields that name files or folders a command reads: no output may be one of them.
-INPUT_PATHS = ("model_name_or_path", "model", "dataset_path", "dataset", "confidence_path", "confidence_dataset",
-               "eval_dataset_path", "eval_datasets", "checkpoints", "prompts", "generation_prompts",
-               "mt_bench_questions", "chat_template_path", "alpaca_eval_reference")
 
 
 def _outputs(config) -> dict[str, Path]:

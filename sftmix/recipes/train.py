@@ -11,9 +11,9 @@ from ..config import SFTMixConfig
 from ..data import build_dataset, read_groups
 from ..errors import InputError
 from ..files import write_atomic
-from ..hub import push_output_dir
+from ..hub import push_output_dir, write_model_card
 from ..model import check_loadable, convert_saved_dtype, merge_adapter, model_revision
-from ..trainer import SFTMixTrainer, check_ids_match, write_model_card
+from ..trainer import SFTMixTrainer, check_ids_match
 from .common import Prepared, build_trainer, claims_output_dir, prepare, resolve_datasets, resume_checkpoint
 
 logger = logging.getLogger(__name__)
