@@ -7,10 +7,11 @@ exit non-zero together (the launcher ends the others when one rank dies elsewher
 
     world_size(), rank(), local_rank(), is_main()
     on_main(fn, ...)   rank 0 runs fn; every rank returns its result or raises its error
-    main_first(fn, ...)  rank 0 runs fn, then the others (a cache rank 0 fills, the others read)
-    barrier()
-    gather(obj)        every rank's obj, in rank order, on every rank
-    sum_over_ranks(v)  element-wise sum of every rank's numbers
+    main_first(fn, ...)  rank 0 runs fn, then the others (a cache rank 0 fills, the others read): accelerate's
+                       main_process_first, with rank 0's error raised on every rank
+    barrier()          accelerate's wait_for_everyone
+    gather(obj)        every rank's obj, in rank order, on every rank (accelerate's gather_object)
+    sum_over_ranks(v)  element-wise sum of every rank's numbers (accelerate's reduce)
     shard(count)       the indices of `range(count)` this rank handles (strided)
     device(use_cpu)    this rank's device (its own GPU under a launcher)
     full_state_dict()  the whole model's weights on rank 0, whatever shards them (FSDP2, ZeRO-3)
@@ -53,32 +54,32 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def _process_group():
-    """The default process group, initialised through accelerate when the launcher has not done it yet."""
-    import torch.distributed as dist
+def _state():
+    """accelerate's process state; outside a trainer, the first call initialises the process group from the
+    launcher's environment (gloo when there is no GPU)."""
+    import torch
+    from accelerate import PartialState
 
-    if not dist.is_initialized():
-        import torch
-        from accelerate import PartialState
-
-        # Reads the launcher's environment and calls init_process_group (gloo when there is no GPU).
-        PartialState(cpu=not torch.cuda.is_available())
-    return dist
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes != world_size():  # accelerate would then gather or reduce nothing, silently
+        raise RuntimeError(f"{world_size()} processes were launched but accelerate sees {state.num_processes}")
+    return state
 
 
+# accelerate's collectives (wait_for_everyone, gather_object, reduce, broadcast_object_list); one process: no-ops.
 def barrier() -> None:
     if world_size() > 1:
-        _process_group().barrier()
+        _state().wait_for_everyone()
 
 
 def gather(obj: Any) -> list[Any]:
     """All ranks' `obj` (picklable), in rank order, on every rank."""
     if world_size() == 1:
         return [obj]
-    dist = _process_group()
-    gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    from accelerate.utils import gather_object
+
+    _state()
+    return gather_object([obj])
 
 
 def sum_over_ranks(values: list[float], device) -> list[float]:
@@ -86,19 +87,20 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
     if world_size() == 1:
         return [float(value) for value in values]
     import torch
+    from accelerate.utils import reduce
 
-    tensor = torch.tensor([float(value) for value in values], dtype=torch.float64, device=device)
-    _process_group().all_reduce(tensor)
-    return tensor.tolist()
+    _state()
+    return reduce(torch.tensor([float(value) for value in values], dtype=torch.float64, device=device), "sum").tolist()
 
 
 def broadcast(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if world_size() == 1:
         return obj
-    holder = [obj if is_main() else None]
-    _process_group().broadcast_object_list(holder, src=0)
-    return holder[0]
+    from accelerate.utils import broadcast_object_list
+
+    _state()
+    return broadcast_object_list([obj if is_main() else None], from_process=0)[0]
 
 
 def leave(succeeded: bool) -> None:
