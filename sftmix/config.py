@@ -309,7 +309,7 @@ class _EvalFields:
         default="SFTMIX_JUDGE_API_KEY", metadata={"help": "Environment variable holding the judge API key."}
     )
     # decided at the command's start (`check_inputs`), before any generation: score with alpaca_eval?
-    official_scorer: bool = field(init=False, default=False)
+    official_scorer = False  # not a field (no flag): set by `check_inputs`
 
     def check_inputs(self) -> None:
         """Read every set to score and the prompts, as evaluation will (a command's start-up check). Then decide
