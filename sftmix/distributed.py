@@ -268,19 +268,16 @@ def zero3_inference(model):
 
 
 @contextlib.contextmanager
-def partitioned_loading(model_path: str, dtype: str) -> Iterator[None]:
+def partitioned_loading(model_path: str, dtype) -> Iterator[None]:
     """`from_pretrained` inside this block partitions the model over the ZeRO-3 job as it loads (transformers does
     so while a ZeRO-3 DeepSpeed config is registered: the training arguments' one, else this launch's)."""
     from transformers import AutoConfig
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    from .model import torch_dtype
-
     if hf_deepspeed.is_deepspeed_zero3_enabled():
         yield
         return
-    config = hf_deepspeed.HfDeepSpeedConfig(_inference_config(AutoConfig.from_pretrained(model_path),
-                                                              torch_dtype(dtype)))
+    config = hf_deepspeed.HfDeepSpeedConfig(_inference_config(AutoConfig.from_pretrained(model_path), dtype))
     try:
         yield
     finally:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +370,16 @@ def refuse_writing_over_inputs(outputs: dict[str, str | Path], inputs: dict[str,
             if Path(value).expanduser().resolve() == target:
                 raise InputError(f"{out_option} {output} is {in_option} {value}: sftmix never writes over its inputs; "
                                  f"choose another {out_option}")
+
+
+def packaged_file(distribution: str, suffix: str, install_hint: str) -> Path:
+    """The first file ending in `suffix` inside an installed pip distribution (found without importing it)."""
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError as err:
+        raise InputError(f"the embedded default is not installed: {install_hint}") from err
+    for file in files:
+        if str(file).endswith(suffix):
+            return Path(file.locate())
+    raise InputError(f"the installed {distribution} package holds no {suffix} file: reinstall it "
+                     f"(pip install --force-reinstall {distribution})")

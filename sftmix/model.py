@@ -17,10 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .data import packaged_file
 from .distributed import local_rank, unpartitioned_loading
 from .errors import InputError
-from .files import HUB_ID, atomic_directory, cache_error, cache_root, model_identity, write_atomic
+from .files import HUB_ID, atomic_directory, cache_error, cache_root, model_identity, packaged_file, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from .reading import (
     default_dataset_path,
     load_records,
     mix_records,
-    packaged_file,
     read_confidence_field,
     read_groups,
     spec_records,
@@ -26,7 +25,7 @@ from .tokenization import supervised_turns, tokenize_conversation, tokenize_conv
 
 __all__ = [
     "DataError", "DataReport", "DatasetSpec", "Record", "build_dataset", "check_scored_set", "default_dataset_path",
-    "example_id", "load_prompts", "load_records", "messages_and_ids", "mix_records", "packaged_file",
+    "example_id", "load_prompts", "load_records", "messages_and_ids", "mix_records",
     "read_confidence_field", "read_groups", "spec_records", "supervised_turns", "to_messages", "tokenize_conversation",
     "tokenize_conversations", "write_records",
 ]

