@@ -293,14 +293,14 @@ def quantization_config(config, compute_dtype: str | None):
         import bitsandbytes  # noqa: F401
     except ImportError as err:
         raise InputError(f"{flag} needs bitsandbytes: pip install bitsandbytes") from err
-    from transformers import BitsAndBytesConfig
+    import copy
 
-    return BitsAndBytesConfig(
-        load_in_4bit=config.load_in_4bit, load_in_8bit=config.load_in_8bit,
-        bnb_4bit_compute_dtype=torch_dtype(compute_dtype if compute_dtype != "auto" else "float32"),
-        bnb_4bit_quant_type=config.bnb_4bit_quant_type, bnb_4bit_use_double_quant=config.use_bnb_nested_quant,
-        bnb_4bit_quant_storage=config.bnb_4bit_quant_storage,
-    )
+    from trl import get_quantization_config
+
+    # TRL's builder, with a compute dtype bitsandbytes takes ("auto", ModelConfig's default, is no torch dtype)
+    resolved = copy.copy(config)
+    resolved.dtype = torch_dtype(compute_dtype if compute_dtype != "auto" else "float32")
+    return get_quantization_config(resolved)
 
 
 def check_vocabulary(model, tokenizer, model_path: str) -> None:

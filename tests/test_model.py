@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from sftmix.config import SFTMixConfig
 from sftmix.errors import InputError
-from sftmix.model import load_model, load_tokenizer, training_init_kwargs
+from sftmix.model import load_model, load_tokenizer, quantization_config, training_init_kwargs
 from sftmix.recipes.train import train
 
 
@@ -90,6 +90,29 @@ def test_qlora_is_refused_clearly_on_cpu(tmp_path):
         training_init_kwargs(SFTMixConfig(output_dir=str(tmp_path), use_cpu=True, use_peft=True, load_in_4bit=True))
     with pytest.raises(InputError, match="--use_peft"):
         training_init_kwargs(SFTMixConfig(output_dir=str(tmp_path), use_cpu=True, load_in_4bit=True))
+
+
+def test_qlora_settings_reach_the_quantisation_config(tmp_path, monkeypatch):
+    """Where QLoRA can run (CUDA and bitsandbytes stood in here), each setting reaches the BitsAndBytesConfig the
+    model is loaded with, and the compute dtype is the weights' ("auto" loads float32)."""
+    import sys
+    import types
+
+    def config(**settings):
+        return SFTMixConfig(output_dir=str(tmp_path), use_cpu=True, **settings)
+
+    four_bit, default, eight_bit, plain = (
+        config(use_peft=True, load_in_4bit=True, bnb_4bit_quant_type="fp4", use_bnb_nested_quant=True),
+        config(use_peft=True, load_in_4bit=True), config(use_peft=True, load_in_8bit=True), config())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    four_bit = quantization_config(four_bit, "bfloat16")
+    assert (four_bit.load_in_4bit, four_bit.load_in_8bit, four_bit.bnb_4bit_quant_type) == (True, False, "fp4")
+    assert four_bit.bnb_4bit_use_double_quant and four_bit.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config(default, "auto").bnb_4bit_compute_dtype == torch.float32
+    eight_bit = quantization_config(eight_bit, "auto")
+    assert (eight_bit.load_in_8bit, eight_bit.load_in_4bit) == (True, False)
+    assert quantization_config(plain, "auto") is None
 
 
 def test_lora_dropout_dora_and_rslora_train_and_merge(tiny_model_dir, tiny_data, tmp_path):
