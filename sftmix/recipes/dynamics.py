@@ -18,7 +18,6 @@ from ..confidence import CheckpointScores, confidence_rows, summarise
 from ..config import DynamicsConfig
 from ..errors import InputError
 from ..files import strip_training_state, write_atomic, write_jsonl
-from ..keys import key_changes
 from ..model import (
     check_model_path,
     check_vocabulary,
@@ -244,7 +243,7 @@ def clear_stale(output_dir: Path, key: dict) -> None:
     if finished.exists():
         recorded = json.loads(finished.read_text()).get("key")
         if recorded != key:
-            changes = key_changes(recorded, key) if recorded else "settings not recorded: made by an older sftmix"
+            changes = keys.key_changes(recorded, key) if recorded else "settings not recorded: made by an older sftmix"
             raise InputError(f"{output_dir} holds a finished confidence split made with other settings ({changes}); "
                              f"it is not overwritten: use another --output_dir, or delete {output_dir} to redo it")
     if "reference" not in key:
@@ -256,7 +255,7 @@ def clear_stale(output_dir: Path, key: dict) -> None:
             raise InputError(f"{reference} holds no record of the settings that made it (made by an older sftmix, or "
                              "not by sftmix); move or delete it to train the reference run again")
         logger.warning("%s was trained with other settings (%s): it is redone", reference,
-                       key_changes(recorded, key["reference"]))
+                       keys.key_changes(recorded, key["reference"]))
         shutil.rmtree(reference)
         shutil.rmtree(output_dir / "consolidated", ignore_errors=True)  # merged copies of the old checkpoints
     write_atomic(marker, json.dumps(key["reference"], indent=1))
