@@ -84,12 +84,12 @@ def main() -> None:
     from sftmix.config import RunConfig, SFTMixConfig
     from sftmix.data import build_dataset, read_groups
     from sftmix.recipes.common import build_trainer, prepare
-    from sftmix.recipes.run import split_heldout
+    from sftmix.recipes.run import hold_out
 
     output_dir = Path(args.output_dir)
     split = RunConfig(output_dir=str(output_dir), max_examples=args.max_examples, eval_fraction=args.eval_fraction,
                       seeds=[args.seed])
-    split_heldout(split, output_dir / "data")
+    hold_out(split, output_dir / "data")
     config = SFTMixConfig(
         output_dir=str(output_dir / "train"), dataset_path=str(output_dir / "data" / "train.jsonl"),
         loss_type=args.loss_type, confidence_path=args.confidence_path, learning_rate=args.learning_rate,

@@ -46,7 +46,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         pytest.fail("work started before the output directory was checked")
 
-    for name in ("prepare", "load_tokenizer", "load_model", "split_heldout"):
+    for name in ("prepare", "load_tokenizer", "load_model", "hold_out"):
         for module in RECIPE_MODULES:
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, refuse)
@@ -199,7 +199,7 @@ def test_held_out_split_copies_values_json_has_no_type_for(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     config = RunConfig(output_dir=str(tmp_path / "run"), dataset_path=str(tmp_path / "d.parquet"), eval_fraction=0.2)
     data_dir = tmp_path / "run" / "data"
-    run_recipe.split_heldout(config, data_dir)
+    run_recipe.hold_out(config, data_dir)
     copied = [json.loads(line) for name in ("train.jsonl", "heldout.jsonl")
               for line in (data_dir / name).read_text().splitlines()]
     assert sorted(row["added"] for row in copied) == [f"2024-01-{day:02d}" for day in range(1, 11)]

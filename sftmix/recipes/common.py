@@ -63,7 +63,7 @@ def _resolved_paths(config: SFTMixConfig, with_test: bool) -> tuple[str | None, 
         except TypeError as err:
             raise InputError(f"datasets: each entry takes the keys of TRL's DatasetConfig ({err})") from err
         records = mix_records([spec_records(spec) for spec in specs], [spec.fraction for spec in specs])
-        train_part, test_part = _split_off_test(records, config.test_split_size, config.seed)
+        train_part, test_part = _draw_test_records(records, config.test_split_size, config.seed)
         # the test split is drawn with the seed: jobs with other seeds sharing the cache need their own files
         made_by = [config.datasets, config.test_split_size, config.seed if test_part else None]
         train_path = str(write_records(train_part, [*made_by, "train"]))
@@ -82,7 +82,7 @@ def _resolved_paths(config: SFTMixConfig, with_test: bool) -> tuple[str | None, 
     return train_path, eval_path
 
 
-def _split_off_test(records: list, size: float | None, seed: int) -> tuple[list, list]:
+def _draw_test_records(records: list, size: float | None, seed: int) -> tuple[list, list]:
     """(train, test): `size` records (a share if < 1) drawn with `seed`, file order kept in both."""
     if not size:
         return records, []

@@ -43,7 +43,7 @@ def run(config: RunConfig, callbacks: list | None = None) -> Path:
     _stage(data_dir, {"dataset": source, "content": _file_hash(source) if source else "embedded",
                       "max_examples": config.max_examples, "eval_fraction": config.eval_fraction,
                       "seed": config.seeds[0]},
-           lambda: distributed.on_main(split_heldout, config, data_dir))
+           lambda: distributed.on_main(hold_out, config, data_dir))
     if config.resume_from_checkpoint:
         distributed.on_main(logger.warning, "--resume_from_checkpoint is ignored by `sftmix run`: each stage "
                             "resumes from its own checkpoints")
@@ -234,7 +234,7 @@ def _file_official_score(metrics_path: Path, score: Path | None) -> None:
         write_atomic(metrics_path, json.dumps(metrics, indent=2))
 
 
-def split_heldout(config: RunConfig, data_dir: Path) -> None:
+def hold_out(config: RunConfig, data_dir: Path) -> None:
     """Write data/train.jsonl and data/heldout.jsonl: a deterministic split by hashed example id."""
     from ..data import default_dataset_path, example_id, load_records, to_messages
 
