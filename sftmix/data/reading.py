@@ -291,8 +291,12 @@ def _load_with_datasets(spec: DatasetSpec) -> list[Record]:
 
 
 def mix_records(parts: list[list[Record]], fractions: list[float | None]) -> list[Record]:
-    """TRL's mixture: the datasets concatenated; with fractions, normalised shares of the largest mixture that
-    oversamples none of them (the first round(share * N) records of each)."""
+    """TRL's mixture (`trl.get_dataset`'s rule): the datasets concatenated; with fractions, normalised shares of the
+    largest mixture that oversamples none of them (the first round(share * N) records of each).
+
+    Not `get_dataset` itself: it reads a local file through `datasets` (an error names no line, a cut-off JSON file
+    loses everything) and draws the test split unseeded, so a resumed or second job would evaluate on other records.
+    """
     if all(fraction is None for fraction in fractions):
         return [record for part in parts for record in part]
     if any(fraction is None for fraction in fractions):
