@@ -317,7 +317,6 @@ class _EvalFields:
         from .data import check_scored_set, load_prompts
 
         scored_sets, prompts = self._eval_inputs()
-
         answered = [prompts, ("mt_bench_questions", self.mt_bench_questions, None)]
         for flag, path, _ in [*scored_sets, *answered]:
             if path is not None and _looks_local(path) and not Path(path).is_file():
@@ -558,4 +557,3 @@ class SelectConfig:
         if Path(self.output).suffix not in (".jsonl", ".json"):
             raise InputError(f"--output {self.output}: use a .jsonl or .json file name")
         check_ranges(self, {"max_examples": "positive?"})
-

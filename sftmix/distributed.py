@@ -7,8 +7,8 @@ exit non-zero together (the launcher ends the others when one rank dies elsewher
 
     world_size(), rank(), local_rank(), is_main()
     on_main(fn, ...)   rank 0 runs fn; every rank returns its result or raises its error
-    main_first(fn, ...)  rank 0 runs fn, then the others (a cache rank 0 fills, the others read): accelerate's
-                       main_process_first, with rank 0's error raised on every rank
+    main_first(fn, ...)  rank 0 runs fn, then the others (a cache rank 0 fills, the others read): as accelerate's
+                       main_process_first, but an error of rank 0 is raised on every rank, not waited on
     barrier()          accelerate's wait_for_everyone
     gather(obj)        every rank's obj, in rank order, on every rank (accelerate's gather_object)
     sum_over_ranks(v)  element-wise sum of every rank's numbers (accelerate's reduce)

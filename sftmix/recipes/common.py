@@ -172,8 +172,8 @@ def check_same_training(output_dir: Path, key: dict) -> None:
 
 
 def check_at_start(config) -> None:
-    """A command's start-up checks (the config itself reads no file and checks no machine): the packages, token and
-    hub its settings need, a launch that runs as one correct job, and every file evaluation will read."""
+    """A command's start-up checks, before any model or data is loaded (a config reads no file): the packages, token
+    and hub its settings need, a launch that runs as one correct job, and every file evaluation will read."""
     settings.check_environment(config)
     if hasattr(config, "world_size"):  # a training config
         distributed.check_launch(config)
