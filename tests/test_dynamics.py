@@ -113,6 +113,34 @@ def test_deterministic_and_resumes_after_kill(tiny_model_dir, tiny_data, tmp_pat
     assert (tmp_path / "killed" / "confidence.jsonl").read_text() == (straight / "confidence.jsonl").read_text()
 
 
+def test_scoring_batch_tokens_bounds_every_scoring_forward(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """--scoring_batch_tokens is the padded-token budget of each scoring forward, in `sftmix dynamics` and in
+    `sftmix eval` (a longer example alone may exceed it); a larger budget makes fewer, fuller batches."""
+    from sftmix.config import EvalConfig
+    from sftmix.recipes.evaluate import evaluate
+
+    shapes, real = [], scoring._batch_nll
+    monkeypatch.setattr(scoring, "_batch_nll", lambda model, batch, linear: shapes.append(batch["input_ids"].shape)
+                        or real(model, batch, linear))
+
+    def forwards(run, budget):
+        shapes.clear()
+        run(budget)
+        assert shapes and all(rows == 1 or rows * width <= budget for rows, width in shapes), (budget, shapes)
+        return len(shapes)
+
+    def dynamics_with(budget):
+        dynamics(dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], name=f"d{budget}",
+                                 checkpoints=[str(tiny_model_dir)], scoring_batch_tokens=budget))
+
+    def eval_with(budget):
+        evaluate(EvalConfig(model=str(tiny_model_dir), dataset=[str(tiny_data[0])], max_length=64, use_cpu=True,
+                            scoring_batch_tokens=budget, output_dir=str(tmp_path / f"e{budget}")))
+
+    for run in (dynamics_with, eval_with):
+        assert forwards(run, 100) > forwards(run, 100_000) == 1
+
+
 def test_existing_checkpoints_are_scored_without_training(tiny_model_dir, tiny_data, tmp_path):
     config = dynamics_config(tmp_path, tiny_model_dir, tiny_data[0], checkpoints=[str(tiny_model_dir)] * 2)
     output_dir = dynamics(config)

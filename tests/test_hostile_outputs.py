@@ -67,3 +67,13 @@ def test_dynamics_never_scores_into_the_checkpoint_it_reads(tiny_model_dir, tiny
     line = refused(capsys, "dynamics", "--checkpoints", str(tiny_model_dir), "--model_name_or_path",
                    str(tiny_model_dir), "--output_dir", str(tiny_model_dir), "--dataset_path", str(tiny_data[0]))
     assert "is --model_name_or_path" in line or "is --checkpoints" in line
+
+
+def test_eval_never_writes_over_its_mt_bench_questions(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    questions = write_jsonl(tmp_path / "question.jsonl", [{"question_id": 81, "turns": ["a", "b"]}])
+    before = questions.read_bytes()
+    line = refused(capsys, "eval", "--model", "m", "--mt_bench_questions", "question.jsonl", "--output_dir",
+                   "./question.jsonl")
+    assert "question.jsonl is --mt_bench_questions question.jsonl: sftmix never writes over its inputs" in line
+    assert questions.read_bytes() == before
