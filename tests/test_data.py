@@ -230,9 +230,13 @@ def test_batched_tokenisation_equals_one_conversation_at_a_time(family, monkeypa
     else:
         tokenizer = family_tokenizer(family)
     conversations = random_conversations(16, seed=len(family), system=family != "mistral")
-    read_off = []
-    real = data_module._fit_turns_encoded
-    monkeypatch.setattr(data_module, "_fit_turns_encoded", lambda *a: read_off.append(real(*a)) or read_off[-1])
+    read_off, real = [], data_module._read_off_cuts
+
+    def recorded(*args):  # every cut read off the whole encoding (None: the cut was encoded instead)
+        cuts = real(*args)
+        return lambda m: read_off.append(cuts(m)) or read_off[-1]
+
+    monkeypatch.setattr(data_module, "_read_off_cuts", recorded)
     for max_length in (None, 8, 40, 120):
         for truncation in ("turns", "right"):
             batched = tokenize_conversations([(c, None) for c in conversations], tokenizer, max_length, truncation)

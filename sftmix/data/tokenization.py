@@ -81,7 +81,8 @@ def tokenize_conversations(
     results: list[Any] = [None] * len(conversations)
     marked = GENERATION_MARKER.search(tokenizer.get_chat_template() or "")
     plain = [position for position, (messages, tools) in enumerate(conversations)
-             if not (marked or tools or any(message.get("tool_calls") for message in messages))]
+             if not (marked or _has_tools(messages, tools))]
+    not_prefix_preserving = set()  # the general path need not render these again to find it out
     batched: list[tuple[int, list[dict[str, Any]], _Layout]] = []
     encoded = []
     # The template renders (Python, one core) while the previous slice is encoded (Rust, off the GIL).
@@ -93,7 +94,9 @@ def tokenize_conversations(
             for position, messages, layout in zip(positions, trimmed, _prefix_layouts(trimmed, tokenizer)):
                 if isinstance(layout, Exception):
                     results[position] = layout
-                elif layout is not None:
+                elif layout is None:
+                    not_prefix_preserving.add(position)
+                else:
                     ready.append((position, messages, layout))
             if ready:
                 batched += ready
@@ -111,7 +114,8 @@ def tokenize_conversations(
     for position, (messages, tools) in enumerate(conversations):
         if results[position] is None:  # not on the fast path (nor refused by the template there)
             try:
-                results[position] = _tokenize_one(messages, tokenizer, max_length, truncation, tools)
+                results[position] = _tokenize_one(messages, tokenizer, max_length, truncation, tools,
+                                                  try_prefix=position not in not_prefix_preserving)
             except (TemplateError, TemplateMismatch) as err:
                 results[position] = err
     return results
@@ -125,26 +129,28 @@ def _through_last_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages[: turns[-1] + 1] if turns else messages  # a trailing user turn teaches nothing
 
 
-def _tokenize_one(messages, tokenizer, max_length, truncation, tools) -> dict[str, Any]:
-    """One conversation by the general path: any template, tool calls, generation markers."""
-    if tools or any(message.get("tool_calls") for message in messages):
+def _tokenize_one(messages, tokenizer, max_length, truncation, tools, try_prefix: bool = True) -> dict[str, Any]:
+    """One conversation by the general path: any template, tool calls, generation markers. `try_prefix` False:
+    the template is known not to be prefix-preserving for the whole conversation (see `encode_conversation`)."""
+    if _has_tools(messages, tools):
         tokenizer = _WithTools(tokenizer, tools)
         _check_calls_rendered(messages, tokenizer)
     messages = _through_last_turn(messages)
-    input_ids, labels = encode_conversation(messages, tokenizer)
+    input_ids, labels = encode_conversation(messages, tokenizer, try_prefix)
     return _within(input_ids, labels, max_length, truncation, lambda: _fit_turns(messages, tokenizer, max_length))
+
+
+def _has_tools(messages, tools) -> bool:
+    return bool(tools) or any(message.get("tool_calls") for message in messages)
 
 
 def _truncate(messages, layout, input_ids, labels, offsets, splitting, tokenizer, max_length,
               truncation) -> dict[str, Any]:
-    """`_tokenize_one`'s truncation on a conversation already encoded whole."""
+    """`_tokenize_one`'s truncation on a conversation already encoded whole: its turn cuts are read off that
+    encoding where they can be (`_read_off_cuts`)."""
     def fit_turns():
-        kept = _fit_turns_encoded(layout, input_ids, offsets, splitting, max_length)
-        if kept is None:
-            return _fit_turns(messages, tokenizer, max_length)
-        if kept == 0:  # not even the first exchange fits
-            return _cut_first_prompt(messages[: supervised_turns(messages)[0] + 1], tokenizer, max_length)
-        return input_ids[:kept], labels[:kept], ["later turns dropped"]
+        read_off = _read_off_cuts(layout, input_ids, offsets, splitting)
+        return _fit_turns(messages, tokenizer, max_length, whole=(input_ids, labels), read_off=read_off)
 
     return _within(input_ids, labels, max_length, truncation, fit_turns)
 
@@ -197,11 +203,13 @@ def supervised_turns(messages: list[dict[str, str]]) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > first_user]
 
 
-def encode_conversation(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of the whole conversation, by the first of the three ways that applies."""
+def encode_conversation(messages: list[dict[str, str]], tokenizer: Any,
+                        try_prefix: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the whole conversation, by the first of the three ways that applies (`try_prefix`
+    False: the second, one rendering, is known not to)."""
     if GENERATION_MARKER.search(tokenizer.get_chat_template()):
         return _encode_generation_marked(messages, tokenizer)
-    pieces = _prefix_pieces(messages, tokenizer) or _turn_by_turn_pieces(messages, tokenizer)
+    pieces = (try_prefix and _prefix_pieces(messages, tokenizer)) or _turn_by_turn_pieces(messages, tokenizer)
     return _encode_pieces(pieces, tokenizer)
 
 
@@ -261,7 +269,7 @@ def _prefix_layouts(conversations, tokenizer) -> list[_Layout | None | TemplateE
         if len(conversations) == 1:
             return [err]
         return [_prefix_layouts([messages], tokenizer)[0] for messages in conversations]  # find whose it is
-    start = 0
+    start, special = 0, _special_tokens(tokenizer)
     for position, indices in enumerate(turns):
         messages, count = conversations[position], len(indices)
         own_befores, own_throughs = befores[start : start + count], throughs[start : start + count]
@@ -271,16 +279,16 @@ def _prefix_layouts(conversations, tokenizer) -> list[_Layout | None | TemplateE
         except (TemplateError, TemplateMismatch) as err:
             layouts[position] = err
             continue
-        layouts[position] = _layout(full, own_befores, own_throughs, tokenizer)
+        layouts[position] = _layout(full, own_befores, own_throughs, special)
     return layouts
 
 
-def _layout(full: str, befores: list[str], throughs: list[str], tokenizer) -> _Layout | None:
+def _layout(full: str, befores: list[str], throughs: list[str], special: list[str]) -> _Layout | None:
     spans = []
     for before, through in zip(befores, throughs):
         if not (full.startswith(before) and full.startswith(through)) or (spans and len(before) < spans[-1][1]):
             return None
-        spans.append((len(before), len(before) + _turn_end(through[len(before):], tokenizer)))
+        spans.append((len(before), len(before) + _turn_end(through[len(before):], special)))
     return _Layout(full, spans, [len(through) for through in throughs])
 
 
@@ -298,11 +306,11 @@ def _prefix_pieces(messages, tokenizer) -> list[tuple[str, bool]] | None:
 
 def _turn_by_turn_pieces(messages, tokenizer) -> list[tuple[str, bool]]:
     """Each assistant turn as the template renders it when generating it, joined by the template's own text."""
-    pieces, previous, tail = [], None, ""
+    pieces, previous, tail, special = [], None, "", _special_tokens(tokenizer)
     for index in supervised_turns(messages):
         context, generated = _generation_split(messages, index, tokenizer)
-        end = _turn_end(generated, tokenizer)
-        between = context if previous is None else _text_between_turns(messages, previous, index, tokenizer)
+        end = _turn_end(generated, special)
+        between = context if previous is None else _text_between_turns(messages, previous, index, tokenizer, special)
         pieces += [(between, False), (generated[:end], True)]
         previous, tail = index, generated[end:]
     return pieces + [(tail, False)]
@@ -320,13 +328,13 @@ def _generation_split(messages, index: int, tokenizer) -> tuple[str, str]:
     return whole[:start], whole[start:]
 
 
-def _text_between_turns(messages, previous: int, index: int, tokenizer) -> str:
+def _text_between_turns(messages, previous: int, index: int, tokenizer, special: list[str]) -> str:
     """What the template renders between the end-of-turn of assistant turn `previous` and turn `index`'s
     generation (the user turns in between, separators, the generation prompt)."""
     marked = [dict(m) for m in messages]
     marked[previous]["content"] = SENTINEL
     _, generated = _generation_split(marked, previous, tokenizer)
-    closing = generated[generated.find(SENTINEL) + len(SENTINEL) : _turn_end(generated, tokenizer)]
+    closing = generated[generated.find(SENTINEL) + len(SENTINEL) : _turn_end(generated, special)]
     context, _ = _generation_split(marked, index, tokenizer)
     after = context.find(SENTINEL) + len(SENTINEL)
     if SENTINEL not in generated or after < len(SENTINEL) or not context.startswith(closing, after):
@@ -338,10 +346,10 @@ def _text_between_turns(messages, previous: int, index: int, tokenizer) -> str:
     return context[after + len(closing):]
 
 
-def _turn_end(generated: str, tokenizer) -> int:
-    """Length of a generated turn up to and including its last special token (its end-of-turn token);
-    the rest is the template's separator. All of it when the turn holds no special token."""
-    ends = [generated.rfind(token) + len(token) for token in _special_tokens(tokenizer) if token in generated]
+def _turn_end(generated: str, special: list[str]) -> int:
+    """Length of a generated turn up to and including its last special token (its end-of-turn token; `special`:
+    `_special_tokens`); the rest is the template's separator. All of it when the turn holds no special token."""
+    ends = [generated.rfind(token) + len(token) for token in special if token in generated]
     return max(ends, default=len(generated))
 
 
@@ -389,7 +397,8 @@ def _offsets_array(offsets):
 # --------------------------------------------------------------------------- truncation
 
 
-def _fit_turns(messages, tokenizer, max_length: int) -> tuple[list[int], list[int], list[str]]:
+def _fit_turns(messages, tokenizer, max_length: int, whole: tuple[list[int], list[int]] | None = None,
+               read_off: Callable[[int], int | None] | None = None) -> tuple[list[int], list[int], list[str]]:
     """Truncate by whole turns so that every kept response keeps its prompt and its end-of-turn token.
 
     1. Keep the longest run of turns from the start that fits (every later turn dropped; each kept
@@ -398,25 +407,28 @@ def _fit_turns(messages, tokenizer, max_length: int) -> tuple[list[int], list[in
        the first user turn, keep the system message, cut the last user message from the left.
     3. If the response alone is still too long, the prompt keeps a quarter of max_length and the
        response is cut on the right.
+
+    `whole`, `read_off`: the whole conversation's (input_ids, labels), and read_off(m), the number of its first
+    tokens that the conversation cut after turn m encodes to, where that can be read off it (None: encode the cut).
     """
     turns = supervised_turns(messages)
     encoded = functools.cache(lambda m: encode_conversation(messages[: turns[m] + 1], tokenizer))
-    best = _longest_fitting(len(turns), lambda m: len(encoded(m)[0]), max_length)
-    if best >= 0:
-        return *encoded(best), ["later turns dropped"]
-    return _cut_first_prompt(messages[: turns[0] + 1], tokenizer, max_length)
+    kept = functools.cache(lambda m: read_off(m) if read_off is not None else None)
+    best = _longest_fitting(len(turns), lambda m: len(encoded(m)[0]) if kept(m) is None else kept(m), max_length)
+    if best < 0:  # not even the first exchange fits
+        return _cut_first_prompt(messages[: turns[0] + 1], tokenizer, max_length)
+    input_ids, labels = encoded(best) if kept(best) is None else (whole[0][: kept(best)], whole[1][: kept(best)])
+    return input_ids, labels, ["later turns dropped"]
 
 
-def _longest_fitting(count: int, length_of: Callable[[int], int | None], max_length: int) -> int | None:
+def _longest_fitting(count: int, length_of: Callable[[int], int], max_length: int) -> int:
     """The last supervised turn m (of `count`; the whole conversation is known not to fit) such that the
-    conversation cut after it is at most max_length tokens long, by binary search over `length_of(m)`:
-    -1 when none fits, None when `length_of` cannot tell (returns None)."""
+    conversation cut after it is at most max_length tokens long, by binary search over `length_of(m)`;
+    -1 when none fits."""
     best, low, high = -1, 0, count - 2
     while low <= high:
         middle = (low + high) // 2
         length = length_of(middle)
-        if length is None:
-            return None
         if length <= max_length:
             best, low = middle, middle + 1
         else:
@@ -430,30 +442,29 @@ def _splitting_tokens(tokenizer) -> list[int]:
             if token.special and not token.lstrip]
 
 
-def _fit_turns_encoded(layout: _Layout, input_ids, offsets, splitting: list[int], max_length: int) -> int | None:
-    """`_fit_turns`' first rule read off the whole conversation's encoding: how many of its tokens to keep.
+def _read_off_cuts(layout: _Layout, input_ids, offsets, splitting: list[int]) -> Callable[[int], int | None]:
+    """read_off(m) for `_fit_turns`: how many of the whole conversation's tokens the conversation cut after turn m
+    encodes to, read off the whole encoding.
 
     The conversation up to turn m renders as the whole rendering's first `layout.ends[m]` characters. When the
     whole rendering goes on there with a `splitting` token, the tokenizer splits the text at that token before
-    anything else, so the shorter conversation encodes as the whole encoding's first tokens. None when a cut
-    is not at such a token: `_fit_turns` encodes it. 0 when not even the first exchange fits.
-    `offsets`: as `_offsets_array` gives them.
+    anything else, so the shorter conversation encodes as the whole encoding's first tokens. None when the cut
+    is not at such a token: `_fit_turns` encodes it. `offsets`: as `_offsets_array` gives them.
     """
     import numpy as np
 
-    ids = np.fromiter(input_ids, dtype=np.int64, count=len(input_ids))
+    at_splitting = np.isin(np.fromiter(input_ids, dtype=np.int64, count=len(input_ids)), splitting)
 
     def tokens_through(m: int) -> int | None:
         end = layout.ends[m]
         if max(layout.ends[: m + 1]) > end or layout.spans[m + 1][0] < end:
             return None
-        at = np.flatnonzero((offsets[:, 0] == end) & np.isin(ids, splitting))
+        at = np.flatnonzero((offsets[:, 0] == end) & at_splitting)
         if len(at) != 1 or (offsets[: at[0], 1] > end).any() or (offsets[at[0]:, 0] < end).any():
             return None
         return int(at[0])
 
-    best = _longest_fitting(len(layout.ends), tokens_through, max_length)
-    return None if best is None else 0 if best < 0 else tokens_through(best)
+    return tokens_through
 
 
 def _cut_first_prompt(messages, tokenizer, max_length: int) -> tuple[list[int], list[int], list[str]]:
