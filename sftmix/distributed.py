@@ -16,6 +16,7 @@ exit non-zero together (the launcher ends the others when one rank dies elsewher
     device(use_cpu)    this rank's device (its own GPU under a launcher)
     full_state_dict()  the whole model's weights on rank 0, whatever shards them (FSDP2, ZeRO-3)
     unpartitioned_loading()   load a whole model on this rank even inside a ZeRO-3 job
+    gathered(*params)  partitioned parameters whole for a block (a read outside their module)
     partitioned_loading() / zero3_inference(model)   load a model partitioned over a ZeRO-3 job and wrap it for
                        inference (sharded scoring and evaluation)
     configure_launch(config) / check_launch(config)   make a launch work as asked, or refuse it
@@ -265,6 +266,21 @@ def zero3_inference(model):
     engine, *_ = deepspeed.initialize(model=model, config=_inference_config(model.config, model.dtype))
     engine.eval()
     return engine
+
+
+def gathered(*params):
+    """ZeRO-3-partitioned parameters gathered whole for the block, for a read outside their module's forward (the LM
+    head's weight in the tiled loss), as TRL's `maybe_gather_lm_head_ctx` does; that one acts only while
+    transformers holds a ZeRO-3 config, which `partitioned_loading` drops once the model is loaded. A collective;
+    a null context for whole parameters."""
+    partitioned = {id(param): param for param in params if param is not None and hasattr(param, "ds_id")}
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    absent = [param for param in partitioned.values() if param.ds_status != ZeroParamStatus.AVAILABLE]
+    return deepspeed.zero.GatheredParameters(absent) if absent else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -90,7 +90,7 @@ def score_model(model, dataset, max_tokens: int, pad_id: int, desc: str = "Scori
     batches = length_batches(lengths, max_tokens)
     shares = assign_batches(batches, lengths, distributed.world_size())
     mine = shares[distributed.rank()]
-    linear = head_is_linear(model) and not sharded  # a partitioned head weight is only whole inside a forward
+    linear = head_is_linear(model)
     progress = tqdm(total=sum(lengths[i] for batch in mine for i in batch), desc=desc, unit="tok", unit_scale=True,
                     mininterval=2, disable=not distributed.is_main())
     scored: list[tuple[int, float, int]] = []
@@ -120,9 +120,11 @@ def assign_batches(batches: list[list[int]], lengths: list[int], ranks: int) -> 
 
 
 def _batch_nll(model, batch: dict[str, torch.Tensor], linear_head: bool):
-    if linear_head:  # only response positions go through the head
+    if linear_head:  # only response positions go through the head (gathered whole when ZeRO-3 partitions it)
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return response_nll(hidden.last_hidden_state, batch["labels"], model.get_output_embeddings().weight)
+        weight = model.get_output_embeddings().weight
+        with distributed.gathered(weight):
+            return response_nll(hidden.last_hidden_state, batch["labels"], weight)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
