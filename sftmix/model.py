@@ -341,15 +341,20 @@ def saved_tensors(directory) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def whole_copy_bytes(path: str, dtype: str) -> int | None:
-    """Bytes of the model's weights at `dtype`, counted from its safetensors headers; None when the folder has
-    none (a hub name, .bin weights)."""
+    """Bytes of the model's weights at `dtype` ("auto": as stored), counted from its safetensors headers; None when
+    the folder has none (a hub name, .bin weights)."""
     import math
+    import re
 
     import torch
 
     stored = saved_tensors(path)
     if not stored:
         return None
+    if dtype == "auto":  # safetensors names a dtype by its bits ("F32", "BF16", "F8_E4M3"; "BOOL": a byte)
+        bits = [re.search(r"\d+", code) for _, code in stored.values()]
+        return sum(math.prod(shape) * (int(found.group()) // 8 if found else 1)
+                   for (shape, _), found in zip(stored.values(), bits))
     count = sum(math.prod(shape) for shape, _ in stored.values())
     return count * torch.empty((), dtype=torch_dtype(dtype)).element_size()
 

@@ -394,3 +394,9 @@ def test_sharded_scoring_needs_a_zero3_launch(tiny_model_dir, tiny_data, tmp_pat
     with pytest.raises(InputError, match="--sharded_scoring true needs a DeepSpeed ZeRO-3 launch"):
         dynamics(config)
     assert not (tmp_path / "d" / "scores").exists()
+    # refused at the start, also where Stage 1 scores nothing (online) and only the evaluation would have used it
+    online = RunConfig(model_name_or_path=str(tiny_model_dir), dataset_path=str(tiny_data[0]), max_length=64,
+                       online=True, sharded_scoring=True, output_dir=str(tmp_path / "r"), use_cpu=True)
+    with pytest.raises(InputError, match="--sharded_scoring true needs a DeepSpeed ZeRO-3 launch"):
+        run(online)
+    assert not (tmp_path / "r").exists()

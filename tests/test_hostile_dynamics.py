@@ -89,6 +89,27 @@ def test_a_model_no_device_can_hold_is_refused_before_training_naming_the_launch
     assert meta["cost"]["scoring"]["sharded"] is False
 
 
+def test_eval_counts_the_whole_copy_at_the_dtype_it_loads(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """`sftmix eval --dtype`: the copy that must fit one device is counted at that dtype ("auto": as stored)."""
+    from sftmix.config import EvalConfig
+    from sftmix.model import whole_copy_bytes
+    from sftmix.recipes.evaluate import evaluate
+
+    stored = whole_copy_bytes(str(tiny_model_dir), "auto")
+    assert stored == whole_copy_bytes(str(tiny_model_dir), "float32") == 2 * whole_copy_bytes(str(tiny_model_dir),
+                                                                                              "bfloat16")
+    monkeypatch.setattr("sftmix.recipes.dynamics.device_memory", lambda device: stored)  # bf16 fits, float32 not
+
+    def evaluated(dtype):
+        return evaluate(EvalConfig(model=str(tiny_model_dir), dataset=[str(tiny_data[0])], max_length=64,
+                                   use_cpu=True, dtype=dtype, output_dir=str(tmp_path / dtype)))
+
+    for dtype in ("float32", "auto"):
+        with pytest.raises(InputError, match=rf"a whole copy of the model \(0\.0 GiB in {dtype}\) does not fit"):
+            evaluated(dtype)
+    assert evaluated("bfloat16")["cost"]["sharded"] is False
+
+
 def test_one_example_is_refused_with_advice_that_can_be_followed(tiny_model_dir, tmp_path, monkeypatch):
     from conftest import make_conversations, write_jsonl
 

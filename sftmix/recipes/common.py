@@ -177,6 +177,9 @@ def check_at_start(config) -> None:
     settings.check_environment(config)
     if hasattr(config, "world_size"):  # a training config
         distributed.check_launch(config)
+    if getattr(config, "sharded_scoring", None) and not distributed.zero3_launch():
+        raise InputError("--sharded_scoring true needs a DeepSpeed ZeRO-3 launch, which partitions the model over "
+                         "the processes: accelerate launch --config_file configs/accelerate/zero3.yaml ...")
     if hasattr(config, "check_inputs"):
         config.check_inputs()
 

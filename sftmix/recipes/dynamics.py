@@ -52,8 +52,9 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
         logger.warning("Tokenising with the tokenizer of %s (no --model_name_or_path)", config.checkpoints[0])
     resolve_datasets(config, with_test=False)  # the reference run is not evaluated
     prepared = prepare(config)
-    sharded = not config.online and sharded_scoring(config, prepared.model_path)
-    scoring_layout = {"sharded": sharded}
+    device = distributed.device(config.use_cpu)
+    scoring_layout = {"sharded": not config.online and sharded_scoring(config, prepared.model_path,
+                                                                         inference_dtype(device), device)}
     ids = prepared.dataset["id"]
     check_split_counts(len(ids), config.split_ratio)
     key = keys.dynamics_key(config, prepared)  # what determines the results: stale ones are redone or refused
@@ -69,7 +70,7 @@ def dynamics(config: DynamicsConfig, callbacks: list | None = None) -> Path:
         scores_dir = output_dir / "scores"
         scores = [
             _checkpoint_scores(config, prepared, checkpoint, scores_dir / f"{k:02d}-{Path(checkpoint).name}.json",
-                               sharded, scoring_layout)
+                               scoring_layout)
             for k, checkpoint in enumerate(checkpoints)
         ]
     rows = confidence_rows(ids, scores, config.split_ratio)
@@ -182,16 +183,13 @@ def _inference_model(path: str, config, dtype: str, device, sharded: bool):
     return engine.module, engine
 
 
-def sharded_scoring(config, model_path: str) -> bool:
-    """Whether to score with the parameters partitioned over a ZeRO-3 job: as asked, else only when a whole copy
-    would not fit one device; a model that fits no way is refused before any work."""
-    if config.sharded_scoring and not distributed.zero3_launch():
-        raise InputError("--sharded_scoring true needs a DeepSpeed ZeRO-3 launch, which partitions the model over "
-                         "the processes: accelerate launch --config_file configs/accelerate/zero3.yaml ...")
+def sharded_scoring(config, model_path: str, dtype: str, device) -> bool:
+    """Whether to score with the parameters partitioned over a ZeRO-3 job: as asked (a launch that cannot is refused
+    at the start: `check_at_start`), else only when a whole copy at `dtype` would not fit `device`; a model that fits
+    no way is refused before any work."""
     if config.sharded_scoring is not None:
         return config.sharded_scoring
-    device = distributed.device(config.use_cpu)
-    needed, available = whole_copy_bytes(model_path, inference_dtype(device)), device_memory(device)
+    needed, available = whole_copy_bytes(model_path, dtype), device_memory(device)
     if needed is None or needed <= 0.8 * available:  # room left for activations
         return False
     if distributed.zero3_launch():
@@ -199,14 +197,14 @@ def sharded_scoring(config, model_path: str) -> bool:
                             "not fit one device (%.1f GiB)", model_path, needed / 2**30, available / 2**30)
         return True
     raise InputError(
-        f"{model_path}: a whole copy of the model ({needed / 2**30:.1f} GiB in {inference_dtype(device)}) does not "
+        f"{model_path}: a whole copy of the model ({needed / 2**30:.1f} GiB in {dtype}) does not "
         f"fit one device ({available / 2**30:.1f} GiB) to be scored: launch with a DeepSpeed ZeRO-3 config "
         "(configs/accelerate/zero3.yaml), which scores it with its parameters sharded over the processes")
 
 
-def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path,
-                       sharded: bool = False, scoring_layout: dict | None = None):
-    """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole."""
+def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: str, path: Path, scoring_layout: dict):
+    """One checkpoint's response NLL of every example: each rank scores its share, rank 0 saves the whole.
+    `scoring_layout`: {"sharded": ...}; the share of the weights each rank held is recorded in it."""
     key = keys.scores_key(checkpoint, config, prepared)
     saved = distributed.on_main(scoring.load_scores, path, key)
     if saved is not None:
@@ -215,17 +213,16 @@ def _checkpoint_scores(config: DynamicsConfig, prepared: Prepared, checkpoint: s
     weights = distributed.on_main(loadable_checkpoint, checkpoint, prepared.model_path,
                                   Path(config.output_dir) / "consolidated")
     device = distributed.device(config.use_cpu)
-    model, engine = _inference_model(weights, config, inference_dtype(device), device, sharded)
+    model, engine = _inference_model(weights, config, inference_dtype(device), device, scoring_layout["sharded"])
     check_vocabulary(model, prepared.tokenizer, checkpoint)
     # The largest share of the weights one rank holds (1 for whole copies; 1/N when partitioned), for dynamics.json
     held = max(distributed.gather(sum(getattr(p, "ds_tensor", p).numel() for p in model.parameters())))
-    if scoring_layout is not None:
-        scoring_layout["share_of_weights_per_rank"] = held / sum(getattr(p, "ds_numel", p.numel())
-                                                                 for p in model.parameters())
+    scoring_layout["share_of_weights_per_rank"] = held / sum(getattr(p, "ds_numel", p.numel())
+                                                             for p in model.parameters())
     started = time.perf_counter()
     nll_sum, num_tokens = scoring.score_model(
         model, prepared.dataset, config.scoring_batch_tokens, prepared.tokenizer.pad_token_id,
-        desc=f"Scoring {Path(checkpoint).name}", sharded=sharded,
+        desc=f"Scoring {Path(checkpoint).name}", sharded=scoring_layout["sharded"],
     )
     scores = CheckpointScores(str(checkpoint), nll_sum, num_tokens, time.perf_counter() - started)
     distributed.on_main(scoring.check_scores, scores, prepared.dataset["id"])

@@ -30,8 +30,9 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     started, scored_tokens = time.perf_counter(), 0
     tokenizer = load_tokenizer(config.model, config.trust_remote_code, config.chat_template_path, option="--model")
     device = distributed.device(config.use_cpu)
-    sharded = sharded_scoring(config, config.model)
-    model, engine = _inference_model(config.model, config, config.dtype or inference_dtype(device), device, sharded)
+    dtype = config.dtype or inference_dtype(device)
+    sharded = sharded_scoring(config, config.model, dtype, device)
+    model, engine = _inference_model(config.model, config, dtype, device, sharded)
     check_vocabulary(model, tokenizer, config.model)
     metrics: dict[str, Any] = {"model": config.model, "likelihood": {}}
     files: dict[str, Any] = {}  # file name -> rows, written by rank 0 at the end
