@@ -168,10 +168,10 @@ def shard(count: int) -> range:
     return range(rank(), count, world_size())
 
 
-def print_on_main(message: str) -> None:
-    """What a command reports when it is done: printed once, not once per rank."""
+def print_on_main(message: str, file=None) -> None:
+    """What a command reports (stdout; progress: `file` sys.stderr): printed once, not once per rank; no collective."""
     if is_main():
-        print(message, flush=True)
+        print(message, file=file, flush=True)
 
 
 def device(use_cpu: bool = False):

@@ -97,12 +97,12 @@ class RunProgress:
         index = self.stages.index(stage)
         left = [self._estimate(remaining) for remaining in self.stages[index:]]
         eta = f", about {_clock(sum(left))} left" if all(value is not None for value in left) else ""
-        distributed.on_main(_say, f"sftmix run [{index + 1}/{len(self.stages)}] {stage} "
-                                  f"({_clock(now - self.began)} so far{eta})")
+        distributed.print_on_main(f"sftmix run [{index + 1}/{len(self.stages)}] {stage} "
+                                  f"({_clock(now - self.began)} so far{eta})", file=sys.stderr)
 
     def finish(self) -> None:
-        distributed.on_main(_say, f"sftmix run: all {len(self.stages)} stages done in "
-                                  f"{_clock(self.clock() - self.began)}; writing the report")
+        distributed.print_on_main(f"sftmix run: all {len(self.stages)} stages done in "
+                                  f"{_clock(self.clock() - self.began)}; writing the report", file=sys.stderr)
 
     def _estimate(self, stage: str) -> float | None:
         kind = self._kind(stage)
@@ -117,10 +117,6 @@ class RunProgress:
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _dynamics_stage(config: RunConfig, run_dir: Path, train_path: str, weights: dict) -> None:
