@@ -76,7 +76,7 @@ def result_settings(config) -> dict:
         if is_path_field(name) and isinstance(value, str) and Path(value).expanduser().exists():
             settings[name] = str(Path(value).expanduser().resolve())
     settings["processes"] = distributed.world_size()
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+    return _json_form(settings)
 
 
 def training_key(config, prepared) -> dict:

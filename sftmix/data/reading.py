@@ -3,7 +3,6 @@ datasets, `trl sft` mixtures, and the confidence file of `sftmix dynamics`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import keys
 from ..errors import InputError
 from ..files import cache_error, cache_root, packaged_file, write_jsonl
 
@@ -308,8 +308,7 @@ def mix_records(parts: list[list[Record]], fractions: list[float | None]) -> lis
 
 def write_records(records: list[Record], description: Any) -> Path:
     """Records as one JSONL file in the cache, named by what they were made from (written atomically)."""
-    key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = cache_root() / "datasets" / f"{key}.jsonl"
+    path = cache_root() / "datasets" / f"{keys.digest(description, length=24)}.jsonl"
     try:
         write_jsonl(path, (record.data for record in records), user_data=True)
     except Exception as err:  # every stage and rank reads this file: no way on without it
