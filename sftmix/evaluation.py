@@ -99,29 +99,23 @@ def generate_answers(
     device = next(model.parameters()).device
     mine = list(distributed.shard(len(conversations)))  # under a launcher each rank answers its share
     answers: dict[int, list[str]] = {index: [] for index in mine}
-    num_turns = max(len(turns) for turns in conversations)
-    progress = tqdm(total=sum(len(conversations[index]) for index in mine), desc=desc, unit="answer",
-                    disable=not distributed.is_main())
-    calls = 0
-    for turn in range(num_turns):
+    calls = []  # (turn, the prompts of one generate call), turn by turn: a turn's prompt holds the earlier answers
+    for turn in range(max(len(turns) for turns in conversations)):
         pending = [index for index in mine if len(conversations[index]) > turn]
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start : start + batch_size]
-            prompts = [_chat_prompt(tokenizer, conversations[index][: turn + 1], answers[index]) for index in chunk]
-            for index, text in zip(chunk, _generate(model, tokenizer, prompts, max_new_tokens, device, sharded)):
-                answers[index].append(text)
-            progress.update(len(chunk))
-            calls += 1
-    # Sharded: every rank makes as many generate calls as the busiest one, counted from the shares every rank
-    # knows (gathering the counts would be a collective while another rank still generates, and hang).
-    if sharded:
-        busiest = max(sum(-(-sum(len(conversations[index]) > turn for index in range(rank, len(conversations),
-                                                                                       distributed.world_size()))
-                            // batch_size) for turn in range(num_turns))
-                      for rank in range(distributed.world_size()))
-        for _ in range(busiest - calls):
-            _generate(model, tokenizer, [_chat_prompt(tokenizer, conversations[0][:1], [])], max_new_tokens, device,
-                      sharded)
+        calls += [(turn, pending[start : start + batch_size]) for start in range(0, len(pending), batch_size)]
+    # Sharded: every rank makes as many generate calls as the busiest one (counted before any rank generates: a
+    # collective while another rank generates would hang).
+    busiest = max(distributed.gather(len(calls))) if sharded else len(calls)
+    progress = tqdm(total=sum(len(chunk) for _, chunk in calls), desc=desc, unit="answer",
+                    disable=not distributed.is_main())
+    for turn, chunk in calls:
+        prompts = [_chat_prompt(tokenizer, conversations[index][: turn + 1], answers[index]) for index in chunk]
+        for index, text in zip(chunk, _generate(model, tokenizer, prompts, max_new_tokens, device, sharded)):
+            answers[index].append(text)
+        progress.update(len(chunk))
+    for _ in range(busiest - len(calls)):
+        _generate(model, tokenizer, [_chat_prompt(tokenizer, conversations[0][:1], [])], max_new_tokens, device,
+                  sharded)
     progress.close()
     everyone = {index: texts for share in distributed.gather(answers) for index, texts in share.items()}
     return [everyone[index] for index in range(len(conversations))]
