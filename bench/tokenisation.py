@@ -35,11 +35,10 @@ MARKED_SMOLLM2 = (
 )
 
 
-def conversations(count: int, multi_turn: bool) -> list[list[dict[str, str]]]:
+def conversations(records, count: int, multi_turn: bool) -> list[list[dict[str, str]]]:
     """The first `count` ShareGPT conversations with 4+ messages (multi-turn) or exactly one exchange."""
-    from sftmix.data import default_dataset_path, load_records, messages_and_ids
+    from sftmix.data import messages_and_ids
 
-    records, _ = load_records(default_dataset_path())
     chosen = []
     for messages, identifier in messages_and_ids(records):
         if identifier and ((len(messages) >= 4) if multi_turn else (len(messages) == 2)):
@@ -123,13 +122,15 @@ def main() -> None:
     logging.disable(logging.WARNING)
     import datasets
 
+    from sftmix.data import default_dataset_path, load_records
     from sftmix.model import load_tokenizer, resolve_model_path
 
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(resolve_model_path(args.tokenizer))
     print(f"tokenizer: {tokenizer.name_or_path} ({type(tokenizer).__name__}), {os.cpu_count()} CPUs")
+    records, _ = load_records(default_dataset_path())  # read once for both sets
     for name, multi_turn in (("multi-turn (4+ messages)", True), ("single-turn (one exchange)", False)):
-        chosen = conversations(args.count, multi_turn)
+        chosen = conversations(records, args.count, multi_turn)
         marked = tokenizer.apply_chat_template(chosen[:50], tokenize=False, chat_template=MARKED_SMOLLM2)
         if marked != tokenizer.apply_chat_template(chosen[:50], tokenize=False):
             raise SystemExit("the marked template does not render as the tokenizer's own: give a SmolLM2 tokenizer")
